@@ -1,0 +1,21 @@
+"""The exceptions vizdeconv raises for problems a user can fix; the CLI prints them on one line."""
+
+
+class VizDeconvError(Exception):
+    """Base class: a wrong model, layer, option or checkpoint (CLI exit code 2)."""
+
+
+class ModelError(VizDeconvError):
+    """A model or its weights cannot be loaded."""
+
+
+class UnsafeCheckpointError(ModelError):
+    """A checkpoint would need arbitrary code to unpickle; it is refused and its code never runs."""
+
+
+class LayerError(VizDeconvError):
+    """No such layer, or a layer the deconvnet cannot pass through."""
+
+
+class ImageError(VizDeconvError):
+    """One input file cannot be used; batch runs report it and go on (CLI exit code 1)."""
