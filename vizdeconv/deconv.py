@@ -1,0 +1,171 @@
+"""The deconvnet of Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks"
+(ECCV 2014, arXiv 1311.2901), section 2.1.
+
+Keep one activation, zero the rest of its layer, and go down the chain: max-pool → unpool with
+the recorded switches (values landing on one position add up, so overlapping pools are exact);
+ReLU → ReLU on the signal itself; conv → transposed conv with the same weights, no bias;
+BatchNorm (eval) → its per-channel scale; LRN, dropout → skipped; average pooling → its
+transpose. Springenberg et al. 2014 show this is backprop with each ReLU's backward replaced by
+``relu(grad_out)``; the tests use that as the oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vizdeconv.errors import LayerError
+from vizdeconv.layers import RECTIFIERS, Chain, Layer, Step, local_geometry
+from vizdeconv.switches import Forward
+
+SKIPPED = (nn.LocalResponseNorm, nn.Dropout, nn.Identity)
+
+
+@torch.no_grad()
+def project(chain: Chain, layer: Layer, forward: Forward, seeds: torch.Tensor) -> torch.Tensor:
+    """Project many activations back to input space in one batched pass.
+
+    A seed's signal only ever lives inside its receptive field, so the pass carries one window per
+    seed (the same size for all, each at its own origin, possibly overhanging the map) instead of
+    whole maps; window positions outside a map are zeroed after every step.
+
+    Args:
+        chain: the model's chain (``trace_chain``).
+        layer: the layer the seeds live in.
+        forward: what ``SwitchRecorder`` recorded for a batch of N images at ``layer``.
+        seeds: ``(S, 4)`` int64 rows ``[image, channel, y, x]``; each is seeded with its own value.
+
+    Returns:
+        ``(S, C, H, W)`` projections in the model's (normalised) input space.
+    """
+    activations = forward.activations
+    seeds = seeds.to(activations.device)
+    image, channel, y, x = seeds.unbind(1)
+    signal = activations.new_zeros(len(seeds), layer.step.output_shape[0], 1, 1)
+    signal[torch.arange(len(seeds)), channel, 0, 0] = activations[image, channel, y, x]
+    origin = torch.stack([y, x], dim=1)
+    for step in reversed(chain.steps[: layer.step.index + 1]):
+        signal, origin = _invert(step, signal, origin, forward.switches.get(step.index), image)
+        signal = signal * _inside(origin, signal.shape[2:], step.input_shape[1:])
+    return _place(signal, origin, chain.input_size[1:])
+
+
+def check_invertible(chain: Chain, layer: Layer) -> None:
+    """Fail early, naming the module, if the deconvnet cannot pass below ``layer``."""
+    for step in chain.steps[: layer.step.index + 1]:
+        if not isinstance(step.module, (nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.AvgPool2d,
+                                        nn.AdaptiveAvgPool2d) + RECTIFIERS + SKIPPED):
+            raise LayerError(f"the deconvnet cannot pass through {step.name!r} ({type(step.module).__name__}); "
+                             "it knows Conv2d, ReLU, MaxPool2d, BatchNorm2d, AvgPool2d, LocalResponseNorm, Dropout")
+        if isinstance(step.module, nn.Conv2d) and step.module.padding_mode != "zeros":
+            raise LayerError(f"the deconvnet cannot pass through {step.name!r}: padding_mode "
+                             f"{step.module.padding_mode!r} (only 'zeros')")
+        if isinstance(step.module, nn.BatchNorm2d) and step.module.running_var is None:
+            raise LayerError(f"the deconvnet cannot pass through {step.name!r}: BatchNorm2d without running stats")
+
+
+def _invert(step: Step, signal: torch.Tensor, origin: torch.Tensor, switches: torch.Tensor | None,
+            image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step down: the window of the step's input that the output window reaches, and its origin."""
+    module = step.module
+    if isinstance(module, RECTIFIERS):
+        return F.relu(signal), origin
+    if isinstance(module, SKIPPED):
+        return signal, origin
+    if isinstance(module, nn.BatchNorm2d):
+        scale = torch.rsqrt(module.running_var + module.eps)
+        if module.weight is not None:
+            scale = scale * module.weight
+        return signal * scale[:, None, None], origin
+    if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+        kernel, stride, padding, dilation = zip(*(local_geometry(module, axis) for axis in (0, 1)))
+        below = origin * torch.tensor(stride, device=origin.device) - torch.tensor(padding, device=origin.device)
+        if isinstance(module, nn.Conv2d):
+            # The full transposed conv of a window (no padding) is exactly the input window it reaches.
+            return F.conv_transpose2d(signal, module.weight, stride=stride, dilation=dilation,
+                                      groups=module.groups), below
+        size = tuple((signal.shape[2 + a] - 1) * stride[a] + dilation[a] * (kernel[a] - 1) + 1 for a in (0, 1))
+        return _unpool(signal, origin, switches[image], step, below, size), below
+    if isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+        whole = _place(signal, origin, step.output_shape[1:])
+        return _linear_transpose(module, whole, step.input_shape), torch.zeros_like(origin)
+    raise LayerError(f"the deconvnet cannot pass through {step.name!r} ({type(module).__name__})")
+
+
+def _unpool(signal: torch.Tensor, origin: torch.Tensor, switches: torch.Tensor, step: Step, below: torch.Tensor,
+            size: tuple[int, int]) -> torch.Tensor:
+    """Put each value back where its maximum came from; several values on one spot add up.
+
+    ``switches`` are the seeds' images' argmax indices (flat in the input plane); ``below`` and
+    ``size`` are the origin and size of the input window.
+    """
+    n, channels, height, width = signal.shape
+    in_width = step.input_shape[2]
+    rows = (origin[:, :1] + torch.arange(height, device=signal.device)).clamp(0, step.output_shape[1] - 1)
+    cols = (origin[:, 1:] + torch.arange(width, device=signal.device)).clamp(0, step.output_shape[2] - 1)
+    flat = switches[torch.arange(n, device=signal.device)[:, None, None, None],
+                    torch.arange(channels, device=signal.device)[None, :, None, None],
+                    rows[:, None, :, None], cols[:, None, None, :]]
+    local = (flat // in_width - below[:, :1, None, None]) * size[1] + flat % in_width - below[:, 1:, None, None]
+    # Window positions outside the map carry zeros; point them anywhere valid.
+    local = torch.where(_inside(origin, (height, width), step.output_shape[1:]).bool(), local, 0)
+    out = signal.new_zeros(n, channels, size[0] * size[1])
+    out.scatter_add_(2, local.flatten(2), signal.flatten(2))
+    return out.view(n, channels, *size)
+
+
+def _inside(origin: torch.Tensor, window: tuple[int, int], shape: tuple[int, ...]) -> torch.Tensor:
+    """``(S, 1, h, w)`` float mask: 1 where each seed's window lies inside a ``shape`` map."""
+    rows = origin[:, :1] + torch.arange(window[0], device=origin.device)
+    cols = origin[:, 1:] + torch.arange(window[1], device=origin.device)
+    valid_rows = (rows >= 0) & (rows < shape[0])
+    valid_cols = (cols >= 0) & (cols < shape[1])
+    return (valid_rows[:, None, :, None] & valid_cols[:, None, None, :]).float()
+
+
+def _place(signal: torch.Tensor, origin: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Whole ``(S, C, H, W)`` maps from the windows at their origins (zeros elsewhere)."""
+    n, _, height, width = signal.shape
+    rows = torch.arange(shape[0], device=signal.device)[None] - origin[:, :1]
+    cols = torch.arange(shape[1], device=signal.device)[None] - origin[:, 1:]
+    gathered = signal[torch.arange(n, device=signal.device)[:, None, None], :,
+                      rows.clamp(0, height - 1)[:, :, None], cols.clamp(0, width - 1)[:, None, :]]
+    inside = _inside(-origin, (shape[0], shape[1]), (height, width))[:, 0, :, :, None]
+    return (gathered * inside).permute(0, 3, 1, 2).contiguous()
+
+
+def _linear_transpose(module: nn.Module, signal: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """Transpose of a linear op (average pooling), exactly, as its vector-Jacobian product."""
+    with torch.enable_grad():
+        probe = signal.new_zeros(len(signal), *input_shape, requires_grad=True)
+        (transposed,) = torch.autograd.grad(module(probe), probe, signal)
+    return transposed
+
+
+def strongest(activations: torch.Tensor, *, top: int = 1, channel: int | None = None,
+              position: tuple[int, int] | None = None) -> torch.Tensor:
+    """Seeds for each image: the strongest activation of its ``top`` strongest channels.
+
+    With ``channel``, only that channel; with ``position``, only that ``(y, x)``. Channels are
+    ranked by their strongest activation (at ``position`` if given).
+
+    Returns:
+        ``(S, 4)`` int64 rows ``[image, channel, y, x]``, images in order, strongest first.
+    """
+    n, k, h, w = activations.shape
+    if channel is not None and not 0 <= channel < k:
+        raise LayerError(f"channel {channel} out of range; the layer has channels 0..{k - 1}")
+    if position is not None and not (0 <= position[0] < h and 0 <= position[1] < w):
+        raise LayerError(f"position {position} out of range; the layer's map is {h}×{w}")
+    flat = activations.flatten(2)
+    if position is not None:
+        where = torch.full((n, k), position[0] * w + position[1], device=activations.device)
+    else:
+        where = flat.argmax(2)
+    peak = flat.gather(2, where[:, :, None])[:, :, 0]
+    channels = torch.full((n, 1), channel, device=activations.device) if channel is not None else \
+        peak.topk(min(top, k), dim=1).indices
+    places = where.gather(1, channels)
+    images = torch.arange(n, device=activations.device)[:, None].expand_as(channels)
+    return torch.stack([images, channels, places // w, places % w], dim=2).reshape(-1, 4)

@@ -1,0 +1,98 @@
+"""Forward hooks that record max-pooling switches and one layer's activations.
+
+Hooks live only inside ``SwitchRecorder``'s ``with`` block and are removed in ``finally``, also
+when the forward pass raises; the model itself is never modified.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vizdeconv.errors import LayerError
+from vizdeconv.layers import Chain, Layer
+
+
+@dataclass
+class Forward:
+    """What one forward pass left behind.
+
+    Attributes:
+        activations: ``(N, K, h, w)`` output of the recorded layer (a copy: later in-place ops
+            such as ``ReLU(inplace=True)`` cannot change it).
+        switches: chain step index → ``(N, C, h, w)`` int64 argmax positions of that max-pool,
+            as flat indices into each ``H × W`` input plane.
+    """
+
+    activations: torch.Tensor | None = None
+    switches: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class SwitchRecorder:
+    """Record switches below ``layer`` and its activations whenever the model runs inside ``with``.
+
+    Use ``forward()`` to run just the chain up to the layer, or call the model yourself (the
+    whole forward pass, logits included) and read ``recorded``.
+    """
+
+    def __init__(self, chain: Chain, layer: Layer) -> None:
+        if len(layer.step.output_shape) != 3:
+            raise LayerError(f"{layer.label} has output shape {layer.step.output_shape}; "
+                             "projection needs a spatial (C, H, W) layer")
+        self.chain = chain
+        self.layer = layer
+        self.recorded = Forward()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._steps_of: dict[nn.Module, list[int]] = defaultdict(list)
+        self._calls: dict[nn.Module, int] = defaultdict(int)
+        for step in chain.steps[: layer.step.index + 1]:
+            self._steps_of[step.module].append(step.index)
+
+    def __enter__(self) -> SwitchRecorder:
+        try:
+            self._handles.append(self.chain.steps[0].module.register_forward_pre_hook(self._start))
+            for module in self._steps_of:
+                self._handles.append(module.register_forward_hook(self._record))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _start(self, module: nn.Module, inputs) -> None:
+        if self._calls[module] == 0:
+            self.recorded = Forward()
+            self._calls.clear()
+
+    def _record(self, module: nn.Module, inputs, output) -> None:
+        calls = self._calls[module]
+        self._calls[module] += 1
+        if calls >= len(self._steps_of[module]):
+            return
+        index = self._steps_of[module][calls]
+        if isinstance(module, nn.MaxPool2d):
+            _, switches = F.max_pool2d(inputs[0], module.kernel_size, module.stride, module.padding,
+                                       module.dilation, ceil_mode=module.ceil_mode, return_indices=True)
+            self.recorded.switches[index] = switches
+        if index == self.layer.step.index:
+            self.recorded.activations = output.detach().clone()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> Forward:
+        """Run the chain up to the recorded layer (nothing above it) and return what was recorded."""
+        self._calls.clear()
+        x = images
+        for step in self.chain.steps[: self.layer.step.index + 1]:
+            x = step.module(x)
+        return self.recorded
