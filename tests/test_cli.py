@@ -1,0 +1,103 @@
+"""Every command end to end through click's CliRunner, on the shipped model and sample images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from click.testing import CliRunner
+
+from test_deconv import oracle
+from vizdeconv.cli import main
+from vizdeconv.layers import trace_chain
+from vizdeconv.switches import SwitchRecorder
+
+ROOT = Path(__file__).resolve().parent.parent
+FASHION = ROOT / "sample_images" / "fashion-mnist"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_layers_json_and_table():
+    result = run("layers", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert [row["layer"] for row in data["layers"]] == [1, 2, 3, 4, 5]
+    assert data["layers"][4]["output_shape"] == [64, 7, 7] and data["input_size"] == [1, 28, 28]
+    table = run("layers")
+    assert table.exit_code == 0 and "features.13" not in table.stdout and "features.11" in table.stdout
+
+
+def test_predict_classifies_the_shipped_samples():
+    result = run("predict", FASHION, "--json", "--top", "2")
+    assert result.exit_code == 0
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 20
+    truth = {"t-shirt-top": "T-shirt/top", "ankle-boot": "Ankle boot"}
+    correct = 0
+    for line in lines:
+        label = Path(line["image"]).stem.split("_", 1)[1]
+        correct += line["classes"][0]["name"] == truth.get(label, label.capitalize())
+        assert line["classes"][0]["probability"] >= line["classes"][1]["probability"]
+    assert correct >= 17
+
+
+def test_deconv_writes_figures_and_npz_matching_the_oracle(tmp_path, embedded):
+    images = tmp_path / "in"
+    shutil.copytree(FASHION, images)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "out"
+    result = run("deconv", images, tmp_path / "missing.png", "--layer", "5", "--top", "2", "--out", out)
+    assert result.exit_code == 1
+    assert "broken.png" in result.stderr and "missing.png: no such file" in result.stderr
+    assert "20 images projected, 2 failed" in result.stderr
+    folder = out / "test00000_ankle-boot"
+    saved = sorted(folder.glob("layer5_ch*.npz"))
+    assert (folder / "layer5.png").exists() and len(saved) == 2
+    chain = trace_chain(embedded)
+    layer = chain.layer(5)
+    image = torch.from_numpy(np.load(saved[0])["input"])
+    with SwitchRecorder(chain, layer) as recorder:
+        activations = recorder.forward(image[None]).activations[0]
+    for path in saved:
+        data = np.load(path)
+        assert set(data.files) == {"projection", "input", "layer", "module", "channel", "position", "value", "box"}
+        channel, (y, x) = int(data["channel"]), data["position"].tolist()
+        assert path.name == f"layer5_ch{channel:03d}.npz" and int(data["layer"]) == 5
+        assert data["value"] == activations[channel].max() == activations[channel, y, x]
+        assert tuple(data["box"]) == layer.field.box(y, x, 28, 28)
+        expected = oracle(chain, layer, image, (0, channel, y, x))
+        np.testing.assert_allclose(data["projection"], expected.numpy(), rtol=1e-4,
+                                   atol=1e-4 * expected.abs().max().item())
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_deconv_channel_and_position(tmp_path):
+    out = tmp_path / "out"
+    result = run("deconv", FASHION / "test00001_pullover.png", "--layer", "3", "--channel", "7",
+                 "--position", "2,3", "--out", out)
+    assert result.exit_code == 0
+    data = np.load(out / "test00001_pullover" / "layer3_ch007.npz")
+    assert data["position"].tolist() == [2, 3] and int(data["channel"]) == 7
+
+
+def test_usage_errors_are_one_line_with_exit_code_2(tmp_path):
+    result = run("deconv", FASHION, "--layer", "9")
+    assert result.exit_code == 2 and "no layer '9'; conv layers: 1 = features.1" in result.stderr
+    assert "Traceback" not in result.output
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pt")
+    result = run("predict", FASHION, "--weights", tmp_path / "model.pt")
+    assert result.exit_code == 2 and "refused, it pickles torch.nn.modules.linear.Linear, which could run arbitrary code" in result.stderr
+    result = run("deconv", FASHION, "--layer", "1", "--position", "x")
+    assert result.exit_code == 2 and "--position expects Y,X" in result.stderr
+
+
+def test_readme_documents_every_command():
+    readme = (ROOT / "README.md").read_text()
+    for name in main.commands:
+        assert f"vizdeconv {name}" in readme, name

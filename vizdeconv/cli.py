@@ -1,0 +1,188 @@
+"""The ``vizdeconv`` command line: parse options, call one library function, render, report.
+
+Results go to stdout, progress and errors to stderr. Exit codes: 0 success, 1 when some input
+files failed (the others are processed), 2 for usage errors (bad model, layer, option, weights).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from vizdeconv.errors import ImageError, VizDeconvError
+from vizdeconv.images import find_images
+from vizdeconv.layers import describe, trace_chain
+from vizdeconv.models import EMBEDDED, LoadedModel, load_model
+from vizdeconv.outputs import output_names
+from vizdeconv.predict import predict_files
+from vizdeconv.projections import save_image_projections, project_files
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class UsageFailure(click.ClickException):
+    """A library error the user can fix by changing the command: exit code 2."""
+
+    exit_code = 2
+
+
+def _floats(text: str | None) -> list[float] | None:
+    return None if text is None else [float(v) for v in text.split(",")]
+
+
+def _ints(text: str | None) -> list[int] | None:
+    return None if text is None else [int(v) for v in text.split(",")]
+
+
+def model_options(command: Callable) -> Callable:
+    """The options every command shares, turned into a loaded ``model`` argument.
+
+    Library errors (bad model, weights, layer, option) become one-line messages with exit code 2.
+    """
+
+    @click.option("--model", "model_name", default=EMBEDDED, show_default=True,
+                  help="embedded, a torchvision model (alexnet, vgg16, …) or package.module:factory.")
+    @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+                  help="State_dict file (.pt/.pth with weights_only, or .safetensors) instead of the defaults.")
+    @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+    @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+    @click.option("--input-size", help="Factory models: input H,W (or one side). Default 224.")
+    @click.option("--mean", help="Factory models: per-channel mean, e.g. 0.485,0.456,0.406.")
+    @click.option("--std", help="Factory models: per-channel std, e.g. 0.229,0.224,0.225.")
+    @functools.wraps(command)
+    def wrapper(model_name, weights, device, input_size, mean, std, **kwargs):
+        try:
+            sizes, means, stds = _ints(input_size), _floats(mean), _floats(std)
+        except ValueError as error:
+            raise UsageFailure(f"bad number in --input-size/--mean/--std: {error}") from None
+        try:
+            model = load_model(model_name, weights=weights, device=device, input_size=sizes, mean=means, std=stds)
+            return command(model=model, **kwargs)
+        except VizDeconvError as error:
+            raise UsageFailure(str(error)) from None
+
+    return wrapper
+
+
+def progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=err,
+                    transient=True)
+
+
+def _inputs(paths: Iterable[str]) -> tuple[list[Path], list[ImageError]]:
+    images, missing = find_images(paths)
+    failures = [ImageError(f"{path}: {reason}") for path, reason in missing]
+    if not images and not failures:
+        raise UsageFailure("no image files found in " + ", ".join(paths))
+    return images, failures
+
+
+def _finish(done: int, failures: list[ImageError], what: str) -> None:
+    for failure in failures:
+        err.print(f"[red]failed:[/] {escape(str(failure))}")
+    err.print(f"{done} {what}, {len(failures)} failed")
+    if failures:
+        raise SystemExit(1)
+
+
+def _track(items: Iterator, total: int, description: str, failures: list[ImageError]) -> Iterator:
+    """Advance a progress bar per image; collect failures for the summary."""
+    with progress() as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+            if isinstance(item, ImageError):
+                failures.append(item)
+            else:
+                yield item
+            bar.advance(task)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vizdeconv")
+def main() -> None:
+    """See what a convnet has learned (Zeiler & Fergus 2014): deconvnet projections and more."""
+
+
+@main.command()
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def layers(model: LoadedModel, batch_size: int, as_json: bool) -> None:
+    """List the conv layers: number, module, type, output shape, receptive field."""
+    chain = trace_chain(model)
+    rows = describe(chain)
+    if as_json:
+        out.print_json(json.dumps({"model": model.name, "input_size": list(model.input_size), "chain_end": chain.end,
+                                   "layers": rows}))
+        return
+    table = Table(title=f"{model.name}: input {'×'.join(map(str, model.input_size))}; layer N = ReLU of conv N")
+    for column in ("layer", "module", "type", "output", "RF size", "RF stride"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(str(row["layer"]), row["module"], row["type"], "×".join(map(str, row["output_shape"])),
+                      "×".join(map(str, row["rf_size"])), "×".join(map(str, row["rf_stride"])))
+    out.print(table)
+    err.print(f"projectable chain ends at {escape(chain.end)}")
+
+
+@main.command()
+@model_options
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--top", default=5, show_default=True, type=click.IntRange(min=1), help="Classes per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines for scripts.")
+def predict(model: LoadedModel, paths: tuple[str, ...], batch_size: int, top: int, as_json: bool) -> None:
+    """Top classes with probabilities for each image (files or folders)."""
+    images, failures = _inputs(paths)
+    count = 0
+    for prediction in _track(predict_files(model, images, top=top, batch_size=batch_size), len(images),
+                             "predicting", failures):
+        count += 1
+        if as_json:
+            out.print_json(json.dumps({"image": str(prediction.path), "classes": [
+                {"index": i, "name": name, "probability": p} for i, name, p in prediction.classes]}), indent=None)
+        else:
+            ranked = ", ".join(f"{escape(name)} {p:.3f}" for _, name, p in prediction.classes)
+            out.print(f"{escape(str(prediction.path))}: {ranked}")
+    _finish(count, failures, "images")
+
+
+@main.command()
+@model_options
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--layer", "layer_spec", required=True, help="Layer number (paper numbering) or module name.")
+@click.option("--channel", type=click.IntRange(min=0), help="Project this channel only.")
+@click.option("--position", help="Y,X in the layer's map: project the activation there.")
+@click.option("--top", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Project the strongest activation of this many strongest channels.")
+@click.option("--out", "out_dir", default="vizdeconv-out/deconv", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path))
+def deconv(model: LoadedModel, paths: tuple[str, ...], batch_size: int, layer_spec: str, channel: int | None,
+           position: str | None, top: int, out_dir: Path) -> None:
+    """Project each image's strongest activations at a layer back to pixels."""
+    images, failures = _inputs(paths)
+    chain = trace_chain(model)
+    layer = chain.layer(layer_spec)
+    try:
+        where = tuple(_ints(position)) if position else None
+    except ValueError:
+        raise UsageFailure(f"--position expects Y,X, got {position!r}") from None
+    if where is not None and len(where) != 2:
+        raise UsageFailure(f"--position expects Y,X, got {position!r}")
+    names = output_names(images)
+    count = 0
+    results = project_files(model, chain, layer, images, top=top, channel=channel, position=where,
+                            batch_size=batch_size)
+    for result in _track(results, len(images), f"projecting {layer.label}", failures):
+        written = save_image_projections(result, out_dir / names[result.path], model)
+        count += 1
+        out.print(f"{escape(str(result.path))} → {escape(str(written[0]))}")
+    _finish(count, failures, "images projected")
