@@ -14,14 +14,14 @@ $(READY): setup.cfg pyproject.toml
 	touch $(READY)
 
 demo: $(READY)
-	$(BIN)/vizdeconv predict sample_images/fashion-mnist --top 3
-	$(BIN)/vizdeconv deconv sample_images/fashion-mnist --layer 5 --top 3 --out vizdeconv-out/deconv
+	$(BIN)/vizdeconv project --layer 5
 
 test: $(READY)
 	$(BIN)/python -m pytest -q
 
 bench: $(READY)
 	$(BIN)/python benchmarks/bench_deconv.py
+	$(BIN)/python benchmarks/bench_scan.py
 
 clean:
 	rm -rf $(VENV) vizdeconv-out

@@ -1,4 +1,5 @@
-"""Write the first two Fashion-MNIST test images of each class to sample_images/fashion-mnist/."""
+"""Write the first two Fashion-MNIST test images of each class into the package (vizdeconv/data/fashion-mnist/,
+linked from sample_images/fashion-mnist): the default images of `vizdeconv project` on the embedded model."""
 
 from pathlib import Path
 
@@ -6,7 +7,7 @@ from PIL import Image
 
 from train_embedded import CATEGORIES, DATA_DIR, read_idx
 
-OUT = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
+OUT = Path(__file__).resolve().parent.parent / "vizdeconv" / "data" / "fashion-mnist"
 
 images = read_idx(DATA_DIR / "t10k-images-idx3-ubyte.gz")
 labels = read_idx(DATA_DIR / "t10k-labels-idx1-ubyte.gz")

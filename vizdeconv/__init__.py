@@ -20,10 +20,11 @@ from vizdeconv.models import LoadedModel, load_model, read_state_dict
 from vizdeconv.predict import predict_files
 from vizdeconv.projections import project_files, save_image_projections
 from vizdeconv.switches import Forward, SwitchRecorder
+from vizdeconv.topk import Hit, TopK, hits, project_hits, scan
 
 __all__ = [
-    "Chain", "Field", "Forward", "ImageError", "Layer", "LayerError", "LoadedModel", "ModelError", "SwitchRecorder",
-    "UnsafeCheckpointError", "VizDeconvError", "check_invertible", "describe", "find_images", "load_image",
-    "load_model", "predict_files", "project", "project_files", "read_batches", "read_state_dict",
-    "save_image_projections", "strongest", "trace_chain",
+    "Chain", "Field", "Forward", "Hit", "ImageError", "Layer", "LayerError", "LoadedModel", "ModelError", "SwitchRecorder",
+    "TopK", "UnsafeCheckpointError", "VizDeconvError", "check_invertible", "describe", "find_images", "hits", "load_image",
+    "load_model", "predict_files", "project", "project_files", "project_hits", "read_batches",
+    "read_state_dict", "save_image_projections", "scan", "strongest", "trace_chain",
 ]

@@ -14,16 +14,21 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
+from vizdeconv import report
+from vizdeconv.deconv import check_invertible
+from vizdeconv.embedded import sample_folder
 from vizdeconv.errors import ImageError, VizDeconvError
 from vizdeconv.images import find_images
 from vizdeconv.layers import describe, trace_chain
 from vizdeconv.models import EMBEDDED, LoadedModel, load_model
 from vizdeconv.outputs import output_names
 from vizdeconv.predict import predict_files
-from vizdeconv.projections import save_image_projections, project_files
+from vizdeconv.projections import project_files, save_image_projections
+from vizdeconv.topk import TopK, hits, parse_channels, project_hits, scan
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -73,15 +78,21 @@ def model_options(command: Callable) -> Callable:
     return wrapper
 
 
+class RateColumn(ProgressColumn):
+    """Items per second."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f}/s" if task.speed else "", style="progress.data.speed")
+
+
 def progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), console=err,
-                    transient=True)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                    TimeRemainingColumn(), console=err, transient=True)
 
 
 def _inputs(paths: Iterable[str]) -> tuple[list[Path], list[ImageError]]:
     images, missing = find_images(paths)
-    failures = [ImageError(f"{path}: {reason}") for path, reason in missing]
+    failures = [ImageError(path, reason) for path, reason in missing]
     if not images and not failures:
         raise UsageFailure("no image files found in " + ", ".join(paths))
     return images, failures
@@ -186,3 +197,50 @@ def deconv(model: LoadedModel, paths: tuple[str, ...], batch_size: int, layer_sp
         count += 1
         out.print(f"{escape(str(result.path))} → {escape(str(written[0]))}")
     _finish(count, failures, "images projected")
+
+
+@main.command("project")
+@model_options
+@click.option("--layer", "layer_spec", required=True, help="Layer number (paper numbering) or module name.")
+@click.option("--images", "folders", multiple=True, help="Image folder or file (repeatable). Default for the "
+              "embedded model: its shipped Fashion-MNIST samples.")
+@click.option("--top", default=9, show_default=True, type=click.IntRange(min=1), help="Activations per channel.")
+@click.option("--channels", "channel_spec", default="all", show_default=True, help="all, or e.g. 0-15,32.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Processes decoding images during the scan.")
+@click.option("--out", "out_dir", default="vizdeconv-out", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path))
+def project_command(model: LoadedModel, batch_size: int, layer_spec: str, folders: tuple[str, ...], top: int,
+                    channel_spec: str, workers: int, out_dir: Path) -> None:
+    """Top-k grids (paper Fig. 2): each channel's strongest activations over a folder, projected."""
+    if not folders:
+        if model.name != EMBEDDED:
+            raise UsageFailure("--images is needed for models other than the embedded one")
+        folders = (str(sample_folder()),)
+    images, failures = _inputs(folders)
+    chain = trace_chain(model)
+    layer = chain.layer(layer_spec)
+    check_invertible(chain, layer)
+    channels = parse_channels(channel_spec, layer.step.output_shape[0])
+    best = TopK(channels, top, model.device)
+    scanned = len(images)
+    with progress() as bar:
+        task = bar.add_task(f"scanning for {layer.label}", total=len(images))
+        for done in scan(model, chain, layer, images, best, batch_size=batch_size, workers=workers):
+            if isinstance(done, ImageError):
+                failures.append(done)
+                scanned -= 1
+                done = 1
+            bar.advance(task, done)
+    found = hits(best, layer, images, model.input_size)
+    wanted = {hit.image for channel_hits in found.values() for hit in channel_hits}
+    tiles = {}
+    with progress() as bar:
+        task = bar.add_task(f"projecting {sum(map(len, found.values()))} activations", total=len(wanted))
+        projected = project_hits(model, chain, layer, found, batch_size=batch_size)
+        for tiles in report.make_tiles(model, layer, found, projected):
+            bar.advance(task)
+    folder = report.write_layer(out_dir, model, layer, top, found, tiles, scanned, failures)
+    out.print(f"{escape(layer.label)}: {len(channels)} channels, top {top} over {scanned} images → "
+              f"{escape(str(folder))}/ (overview.png, index.json); browse {escape(str(out_dir / 'index.html'))}")
+    _finish(scanned, failures, "images scanned")

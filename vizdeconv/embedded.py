@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from pathlib import Path
 
 from safetensors.torch import load_file
 from torch import nn
@@ -64,3 +65,8 @@ def load_embedded() -> ZFMnist:
     with resources.as_file(resources.files("vizdeconv.data").joinpath(WEIGHTS_FILE)) as path:
         model.load_state_dict(load_file(str(path)))
     return model.eval()
+
+
+def sample_folder() -> Path:
+    """The shipped Fashion-MNIST test images (two per class): default input of ``vizdeconv project``."""
+    return Path(str(resources.files("vizdeconv.data").joinpath("fashion-mnist")))

@@ -19,3 +19,11 @@ class LayerError(VizDeconvError):
 
 class ImageError(VizDeconvError):
     """One input file cannot be used; batch runs report it and go on (CLI exit code 1)."""
+
+    def __init__(self, path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self):  # travels back from DataLoader worker processes
+        return type(self), (self.path, self.reason)

@@ -59,18 +59,18 @@ def load_image(path: str | os.PathLike, *, channels: int, background: Sequence[f
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 if image.width * image.height > MAX_PIXELS:
-                    raise ImageError(f"{path}: {image.width}×{image.height} pixels is over the limit of {MAX_PIXELS} "
-                                     "(possible decompression bomb)")
+                    raise ImageError(path, f"{image.width}×{image.height} pixels is over the limit of {MAX_PIXELS} "
+                                           "(possible decompression bomb)")
                 image.load()
                 image = ImageOps.exif_transpose(image)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({error})") from None
+        raise ImageError(path, f"refused as a possible decompression bomb ({error})") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file, or a format Pillow cannot read") from None
+        raise ImageError(path, "not an image file, or a format Pillow cannot read") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"{path}: unreadable image ({error})") from None
+        raise ImageError(path, f"unreadable image ({error})") from None
     return _to_8bit(image, channels=channels, background=background)
 
 

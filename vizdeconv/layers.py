@@ -34,7 +34,7 @@ class Step:
 
 @dataclass(frozen=True)
 class Field:
-    """Receptive field: unit ``(y, x)`` sees input rows ``y*stride + offset`` … ``+ size - 1`` (same for columns).
+    """Receptive field: unit ``(y, x)`` sees input rows ``y*stride + offset`` … ``+ size - 1`` (columns alike).
 
     ``stride`` is the jump between neighbouring units in input pixels; ``offset`` can be negative
     (the field starts in the padding). A global op (adaptive pooling, flatten) sees everything:
@@ -45,11 +45,16 @@ class Field:
     stride: tuple[int, int]
     offset: tuple[int, int]
 
-    def box(self, y: int, x: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """``(y0, x0, y1, x1)``, end exclusive, clipped to a ``height`` × ``width`` image."""
+    def window(self, y: int, x: int) -> tuple[int, int, int, int]:
+        """``(y0, x0, y1, x1)``, end exclusive, unclipped: it may reach past the image."""
         y0 = y * self.stride[0] + self.offset[0]
         x0 = x * self.stride[1] + self.offset[1]
-        return (max(y0, 0), max(x0, 0), min(y0 + self.size[0], height), min(x0 + self.size[1], width))
+        return y0, x0, y0 + self.size[0], x0 + self.size[1]
+
+    def box(self, y: int, x: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """``window`` clipped to a ``height`` × ``width`` image."""
+        y0, x0, y1, x1 = self.window(y, x)
+        return max(y0, 0), max(x0, 0), min(y1, height), min(x1, width)
 
 
 @dataclass(frozen=True)

@@ -85,3 +85,57 @@ def stack(rows: Sequence[Image.Image], title: str = "") -> Image.Image:
         sheet.paste(row, (0, y))
         y += row.height
     return sheet
+
+
+def field_tile(picture: Image.Image, window: tuple[int, int, int, int], side: int) -> Image.Image:
+    """The receptive-field ``window`` of ``picture`` as a ``side``-pixel square tile.
+
+    Where the window reaches past the image (it is clipped), the missing part stays white, so
+    every tile of a layer shows the same field at the same scale and alignment.
+    """
+    y0, x0, y1, x1 = window
+    canvas = Image.new("RGB", (x1 - x0, y1 - y0), "white")
+    inside = picture.crop((max(x0, 0), max(y0, 0), min(x1, picture.width), min(y1, picture.height)))
+    canvas.paste(inside, (max(x0, 0) - x0, max(y0, 0) - y0))
+    return canvas.resize((side, side), Image.NEAREST if side >= canvas.width else Image.LANCZOS)
+
+
+def tile_side(field_size: int) -> int:
+    """Display size of a receptive-field tile: small fields enlarged to ≥ 64 px, large ones capped at 112."""
+    if field_size >= 64:
+        return min(field_size, 112)
+    return field_size * -(-64 // field_size)
+
+
+def grid(tiles: Sequence[Image.Image], columns: int, gap: int = 2, background: str = "white") -> Image.Image:
+    """Equal-sized tiles in rows of ``columns``."""
+    side = tiles[0].width if tiles else 1
+    rows = -(-max(len(tiles), 1) // columns)
+    sheet = Image.new("RGB", (columns * (side + gap) - gap, rows * (side + gap) - gap), background)
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile, ((i % columns) * (side + gap), (i // columns) * (side + gap)))
+    return sheet
+
+
+def channel_figure(projections: Sequence[Image.Image], patches: Sequence[Image.Image], columns: int,
+                   title: str) -> Image.Image:
+    """The paper's Fig. 2 layout: projections on the left, the matching image patches on the right."""
+    left, right = grid(projections, columns), grid(patches, columns)
+    top = 20
+    figure = Image.new("RGB", (left.width + right.width + 24, left.height + top + 8), "white")
+    ImageDraw.Draw(figure).text((8, 2), title, fill="black", font=font(12))
+    figure.paste(left, (8, top))
+    figure.paste(right, (16 + left.width, top))
+    return figure
+
+
+def sheet(figures: Sequence[Image.Image], columns: int, title: str) -> Image.Image:
+    """Figures (of any sizes) tiled in rows under a title."""
+    cell_w = max(f.width for f in figures) + 8
+    cell_h = max(f.height for f in figures) + 8
+    rows = -(-len(figures) // columns)
+    page = Image.new("RGB", (columns * cell_w + 8, rows * cell_h + 32), "white")
+    ImageDraw.Draw(page).text((8, 6), title, fill="black", font=font(15))
+    for i, figure in enumerate(figures):
+        page.paste(figure, (8 + (i % columns) * cell_w, 32 + (i // columns) * cell_h))
+    return page

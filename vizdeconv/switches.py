@@ -36,20 +36,22 @@ class SwitchRecorder:
     """Record switches below ``layer`` and its activations whenever the model runs inside ``with``.
 
     Use ``forward()`` to run just the chain up to the layer, or call the model yourself (the
-    whole forward pass, logits included) and read ``recorded``.
+    whole forward pass, logits included) and read ``recorded``. ``switches=False`` records only
+    the activations (for scans that project later).
     """
 
-    def __init__(self, chain: Chain, layer: Layer) -> None:
+    def __init__(self, chain: Chain, layer: Layer, *, switches: bool = True) -> None:
         if len(layer.step.output_shape) != 3:
             raise LayerError(f"{layer.label} has output shape {layer.step.output_shape}; "
                              "projection needs a spatial (C, H, W) layer")
         self.chain = chain
         self.layer = layer
+        self.switches = switches
         self.recorded = Forward()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._steps_of: dict[nn.Module, list[int]] = defaultdict(list)
         self._calls: dict[nn.Module, int] = defaultdict(int)
-        for step in chain.steps[: layer.step.index + 1]:
+        for step in chain.steps[: layer.step.index + 1] if switches else [layer.step]:
             self._steps_of[step.module].append(step.index)
 
     def __enter__(self) -> SwitchRecorder:

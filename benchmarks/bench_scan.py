@@ -1,0 +1,143 @@
+"""The scan phase of `vizdeconv project` against a plain forward pass, side by side in one run.
+
+1. Throughput on alexnet (random weights) over a folder of 256×256 JPEGs made from the sample
+   photos: a plain DataLoader + model loop that keeps nothing, then the scan (top-9 of every
+   channel of layer 5), same batch size and workers. Goal: scan ≥ 0.9× plain.
+2. Peak memory (max RSS of a fresh process) of the scan on the embedded model over N and 10 N
+   images. Goal: flat.
+3. The projection phase on alexnet: seconds per channel (9 projections, tiles, figure).
+
+    make bench      # or: python benchmarks/bench_scan.py [--images 256] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+
+from vizdeconv import report
+from vizdeconv.images import find_images, read_batches
+from vizdeconv.layers import trace_chain
+from vizdeconv.models import LoadedModel, load_model
+from vizdeconv.topk import TopK, hits, project_hits, scan
+
+PHOTOS = Path(__file__).resolve().parent.parent / "sample_images" / "photos"
+FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
+
+
+def make_folder(folder: Path, count: int, sources: list[Path], size: int | None) -> list[Path]:
+    """``count`` distinct images: random crops and flips of the sources."""
+    rng = random.Random(0)
+    pictures = [Image.open(p).convert("RGB" if size else "L") for p in sources]
+    for i in range(count):
+        picture = rng.choice(pictures)
+        side = rng.randint(picture.width // 2, min(picture.size))
+        left, top = rng.randint(0, picture.width - side), rng.randint(0, picture.height - side)
+        tile = picture.crop((left, top, left + side, top + side)).resize((size or 28,) * 2)
+        if rng.random() < 0.5:
+            tile = tile.transpose(Image.FLIP_LEFT_RIGHT)
+        tile.save(folder / f"{i:05d}.{'jpg' if size else 'png'}")
+    return find_images([folder])[0]
+
+
+def random_alexnet() -> LoadedModel:
+    torch.manual_seed(0)
+    transforms = torchvision.models.AlexNet_Weights.DEFAULT.transforms()
+    return LoadedModel("alexnet", "random", torchvision.models.alexnet().eval(), transforms, (3, 224, 224),
+                       tuple(transforms.mean), tuple(transforms.std), ())
+
+
+def throughput(model: LoadedModel, paths: list[Path], batch_size: int, workers: int) -> None:
+    chain = trace_chain(model)
+    layer = chain.layer(5)
+
+    def plain():
+        with torch.no_grad():
+            for batch in read_batches(paths, preprocess=model.preprocess, channels=3, background=model.mean,
+                                      batch_size=batch_size, workers=workers):
+                model.module(batch.images)
+
+    def scanned():
+        top = TopK(range(layer.step.output_shape[0]), 9, model.device)
+        for _ in scan(model, chain, layer, paths, top, batch_size=batch_size, workers=workers):
+            pass
+        return top
+
+    timings = {"plain": [], "scan": []}
+    for _ in range(2):  # alternate, keep the best of each
+        for name, run in (("plain", plain), ("scan", scanned)):
+            start = time.perf_counter()
+            run()
+            timings[name].append(time.perf_counter() - start)
+    plain_rate = len(paths) / min(timings["plain"])
+    scan_rate = len(paths) / min(timings["scan"])
+    print(f"alexnet, {len(paths)} images 256², batch {batch_size}, {workers} workers, {torch.get_num_threads()} threads")
+    print(f"  plain forward (DataLoader + model):    {plain_rate:7.1f} images/s")
+    print(f"  scan (layer 5, top-9 of 256 channels): {scan_rate:7.1f} images/s   ratio {scan_rate / plain_rate:.2f}×")
+
+    top = scanned()
+    found = hits(top, layer, paths, model.input_size)
+    chosen = {c: found[c] for c in list(found)[:16]}
+    start = time.perf_counter()
+    tiles = {}
+    for tiles in report.make_tiles(model, layer, chosen, project_hits(model, chain, layer, chosen,
+                                                                      batch_size=batch_size)):
+        pass
+    with tempfile.TemporaryDirectory() as out:
+        report.write_layer(Path(out), model, layer, 9, chosen, tiles, len(paths), [])
+    seconds = time.perf_counter() - start
+    print(f"  projection phase: {seconds / len(chosen):.2f} s per channel ({len(chosen)} channels × 9, "
+          "projections + tiles + figures)")
+
+
+def peak_memory_child(folder: str) -> None:
+    model = load_model(device="cpu")
+    chain = trace_chain(model)
+    layer = chain.layer(5)
+    paths = find_images([folder])[0]
+    top = TopK(range(layer.step.output_shape[0]), 9, model.device)
+    for _ in scan(model, chain, layer, paths, top, batch_size=64):
+        pass
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def memory(count: int) -> None:
+    peaks = []
+    for n in (count, 10 * count):
+        with tempfile.TemporaryDirectory() as folder:
+            make_folder(Path(folder), n, sorted(FASHION.glob("*.png")), None)
+            child = subprocess.run([sys.executable, __file__, "--child", folder], capture_output=True, text=True,
+                                   check=True)
+            peaks.append(int(child.stdout.split()[-1]) / 1024)
+    print(f"embedded model, layer 5 scan, peak RSS: {count} images {peaks[0]:.0f} MiB, {10 * count} images "
+          f"{peaks[1]:.0f} MiB   ratio {peaks[1] / peaks[0]:.2f}×")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        peak_memory_child(args.child)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        paths = make_folder(Path(folder), args.images, sorted(PHOTOS.glob("*")), 256)
+        throughput(random_alexnet(), paths, args.batch_size, args.workers)
+    memory(500)
+
+
+if __name__ == "__main__":
+    main()

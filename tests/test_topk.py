@@ -1,0 +1,161 @@
+"""The top-k scan against a brute-force scan, its determinism, and `vizdeconv project` end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from test_deconv import oracle
+from vizdeconv.cli import main
+from vizdeconv.errors import ImageError, LayerError
+from vizdeconv.images import find_images, load_image
+from vizdeconv.layers import trace_chain
+from vizdeconv.topk import TopK, hits, parse_channels, project_hits, scan
+
+FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    """The 20 samples, a flipped copy of each in a subfolder, and an exact duplicate (a tie)."""
+    shutil.copytree(FASHION, tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    for path in FASHION.glob("*.png"):
+        Image.open(path).transpose(Image.FLIP_LEFT_RIGHT).save(tmp_path / "b" / path.name)
+    shutil.copy(FASHION / "test00007_shirt.png", tmp_path / "b" / "zz-duplicate.png")
+    return tmp_path
+
+
+def brute_force(model, chain, layer, paths, k):
+    """Every activation materialised, one image at a time; per channel the k largest per-image maxima."""
+    candidates = {}
+    for path in paths:
+        x = model.preprocess(load_image(path, channels=1, background=model.mean))[None]
+        with torch.no_grad():
+            for step in chain.steps[: layer.step.index + 1]:
+                x = step.module(x)
+        for channel, plane in enumerate(x[0]):
+            value = plane.max().item()
+            flat = [i for i, v in enumerate(plane.flatten().tolist()) if v == value][0]
+            candidates.setdefault(channel, []).append((-value, str(path), divmod(flat, plane.shape[1])))
+    return {c: [(str(p), -v, pos) for v, p, pos in sorted(found)[:k] if -v > 0] for c, found in candidates.items()}
+
+
+def run_scan(model, chain, layer, paths, k=9, batch_size=4, workers=0, channels=None):
+    channels = list(range(layer.step.output_shape[0])) if channels is None else channels
+    top = TopK(channels, k, model.device)
+    events = list(scan(model, chain, layer, paths, top, batch_size=batch_size, workers=workers))
+    return hits(top, layer, paths, model.input_size), events
+
+
+def as_tuples(found):
+    return {c: [(str(h.image), h.value, h.position) for h in hs] for c, hs in found.items()}
+
+
+@pytest.mark.parametrize("number", [2, 5])
+def test_scan_equals_brute_force(embedded, folder, number):
+    chain = trace_chain(embedded)
+    layer = chain.layer(number)
+    paths, _ = find_images([folder])
+    found, events = run_scan(embedded, chain, layer, paths)
+    assert sum(events) == len(paths) == 41
+    expected = brute_force(embedded, chain, layer, paths, 9)
+    got = as_tuples(found)
+    assert got.keys() == expected.keys()
+    for channel in expected:
+        assert [(p, pos) for p, _, pos in got[channel]] == [(p, pos) for p, _, pos in expected[channel]]
+        assert [v for _, v, _ in got[channel]] == pytest.approx([v for _, v, _ in expected[channel]], rel=1e-5)
+        assert len({p for p, _, _ in got[channel]}) == len(got[channel])  # k different images
+    # The duplicate ties with its original: the earlier path wins wherever both would qualify.
+    for channel_hits in got.values():
+        names = [Path(p).name for p, _, _ in channel_hits]
+        if "zz-duplicate.png" in names:
+            assert "test00007_shirt.png" in names
+
+
+def test_scan_is_the_same_for_any_batch_size_workers_and_order(embedded, folder):
+    chain = trace_chain(embedded)
+    layer = chain.layer(3)
+    paths, _ = find_images([folder])
+    reference, _ = run_scan(embedded, chain, layer, paths, batch_size=1)
+    shuffled, _ = find_images(list(reversed(sorted(folder.iterdir()))))
+    assert shuffled == paths
+    for batch_size, workers in [(5, 0), (41, 0), (7, 2)]:
+        found, _ = run_scan(embedded, chain, layer, paths, batch_size=batch_size, workers=workers)
+        assert {c: [(h.image, h.position) for h in hs] for c, hs in found.items()} == \
+            {c: [(h.image, h.position) for h in hs] for c, hs in reference.items()}
+
+
+def test_memory_is_bounded_by_channels_times_k(embedded, folder):
+    chain = trace_chain(embedded)
+    layer = chain.layer(1)
+    paths, _ = find_images([folder])
+    top = TopK([0, 5], 3, embedded.device)
+    for _ in scan(embedded, chain, layer, paths, top, batch_size=8):
+        assert top.values.shape[0] == 2 and top.values.shape[1] <= 3
+
+
+def test_broken_files_are_reported_and_skipped(embedded, folder):
+    (folder / "a" / "broken.png").write_bytes(b"nope")
+    chain = trace_chain(embedded)
+    layer = chain.layer(1)
+    paths, _ = find_images([folder])
+    found, events = run_scan(embedded, chain, layer, paths, channels=[0])
+    errors = [e for e in events if isinstance(e, ImageError)]
+    assert len(errors) == 1 and errors[0].path.name == "broken.png"
+    assert all(h.image.name != "broken.png" for h in found[0])
+
+
+def test_projections_of_hits_match_the_oracle(embedded):
+    chain = trace_chain(embedded)
+    layer = chain.layer(4)
+    paths, _ = find_images([FASHION])
+    found, _ = run_scan(embedded, chain, layer, paths, k=2, channels=[3, 10])
+    done = 0
+    for path, image, entries in project_hits(embedded, chain, layer, found, batch_size=3):
+        for channel, slot, pixels in entries:
+            hit = found[channel][slot]
+            assert hit.image == path
+            expected = oracle(chain, layer, image, (0, channel, *hit.position))
+            torch.testing.assert_close(pixels, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+            done += 1
+    assert done == sum(len(h) for h in found.values()) > 0
+
+
+def test_parse_channels():
+    assert parse_channels("all", 3) == [0, 1, 2]
+    assert parse_channels("0-2, 7,5", 8) == [0, 1, 2, 5, 7]
+    with pytest.raises(LayerError, match=r"channels \[9\] out of range; the layer has channels 0..7"):
+        parse_channels("1,9", 8)
+    with pytest.raises(LayerError, match="expects 'all'"):
+        parse_channels("x", 8)
+
+
+def test_project_command_end_to_end(folder):
+    (folder / "a" / "broken.jpg").write_text("not an image")
+    out = folder / "out"
+    runner = CliRunner()
+    result = runner.invoke(main, ["project", "--layer", "2", "--images", str(folder / "a"), "--channels", "0-3",
+                                  "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 1 and "broken.jpg: not an image file" in result.stderr
+    index = json.loads((out / "layer2" / "index.json").read_text())
+    assert index["layer"] == 2 and index["module"] == "features.4" and index["images_scanned"] == 20
+    assert index["failed"][0]["image"].endswith("broken.jpg")
+    assert [c["channel"] for c in index["channels"]] == [0, 1, 2, 3]
+    for channel in index["channels"]:
+        assert (out / "layer2" / channel["png"]).exists()
+        values = [h["value"] for h in channel["hits"]]
+        assert values == sorted(values, reverse=True) and len(values) <= 9
+        assert len({h["image"] for h in channel["hits"]}) == len(values)
+    assert (out / "layer2" / "overview.png").exists()
+    result = runner.invoke(main, ["project", "--layer", "1", "--out", str(out), "--channels", "0"],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    page = (out / "index.html").read_text()
+    assert 'href="layer1/ch000.png"' in page and 'href="layer2/ch003.png"' in page
