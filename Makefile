@@ -22,6 +22,7 @@ test: $(READY)
 bench: $(READY)
 	$(BIN)/python benchmarks/bench_deconv.py
 	$(BIN)/python benchmarks/bench_scan.py
+	$(BIN)/python benchmarks/bench_occlusion.py
 
 clean:
 	rm -rf $(VENV) vizdeconv-out

@@ -18,14 +18,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from vizdeconv import report
+from vizdeconv import occlusion_report, report
 from vizdeconv.deconv import check_invertible
 from vizdeconv.embedded import sample_folder
 from vizdeconv.errors import ImageError, VizDeconvError
-from vizdeconv.images import find_images
+from vizdeconv.images import find_images, read_batches
 from vizdeconv.layers import describe, trace_chain
 from vizdeconv.models import EMBEDDED, LoadedModel, load_model
-from vizdeconv.outputs import output_names
+from vizdeconv.occlusion import (default_geometry, fill_values, is_same_run, occlude, strongest_projection,
+                                  summary_csv, summary_row)
+from vizdeconv.outputs import output_names, write_atomic
 from vizdeconv.predict import predict_files
 from vizdeconv.projections import project_files, save_image_projections
 from vizdeconv.topk import TopK, hits, parse_channels, project_hits, scan
@@ -244,3 +246,60 @@ def project_command(model: LoadedModel, batch_size: int, layer_spec: str, folder
     out.print(f"{escape(layer.label)}: {len(channels)} channels, top {top} over {scanned} images → "
               f"{escape(str(folder))}/ (overview.png, index.json); browse {escape(str(out_dir / 'index.html'))}")
     _finish(scanned, failures, "images scanned")
+
+
+@main.command("occlude")
+@model_options
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--size", type=click.IntRange(min=1), help="Square side in input pixels [default: 50 at 224², scaled].")
+@click.option("--stride", type=click.IntRange(min=1), help="Square step in input pixels [default: 8 at 224², scaled].")
+@click.option("--fill", default="mean", show_default=True,
+              help="mean (zero after normalisation) or a pixel value in 0..1, e.g. 0.5.")
+@click.option("--target", default="auto", show_default=True, help="Class index or name; auto = top-1 unoccluded.")
+@click.option("--layer", "layer_spec", help="Layer of the feature map [default: the last conv layer].")
+@click.option("--out", "out_dir", default="vizdeconv-out/occlusion", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path))
+def occlude_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int, size: int | None,
+                    stride: int | None, fill: str, target: str, layer_spec: str | None, out_dir: Path) -> None:
+    """Occlusion maps (paper Fig. 7): p(target), top class and a feature map's total per square position."""
+    images, failures = _inputs(paths)
+    chain = trace_chain(model)
+    layer = chain.layer(layer_spec or len(chain.layers()))
+    default_size, default_stride = default_geometry(model.input_size)
+    size, stride = size or default_size, stride or default_stride
+    fill_value = fill_values(fill, model)
+    names = output_names(images)
+    rows, todo = {}, []
+    for path in images:
+        done = occlusion_report.load_complete(out_dir / names[path])
+        if done and is_same_run(done, model.name, layer.step.name, size, stride, fill_value, target):
+            rows[path] = summary_row(path, done, model.categories)
+        else:
+            todo.append(path)
+    if rows:
+        err.print(f"{len(rows)} images already done in {escape(str(out_dir))}, skipped")
+    with progress() as bar:
+        image_task = bar.add_task("images", total=len(todo))
+        square_task = bar.add_task("squares", total=None)
+        for batch in read_batches(todo, preprocess=model.preprocess, channels=model.input_size[0],
+                                  background=model.mean, batch_size=1):
+            if isinstance(batch, ImageError):
+                failures.append(batch)
+                bar.advance(image_task)
+                continue
+            path, image = batch.paths[0], batch.images[0].to(model.device)
+            bar.reset(square_task)
+            maps = occlude(model, chain, layer, image, size=size, stride=stride, fill=fill_value, target=target,
+                           batch_size=batch_size,
+                           progress=lambda done, total: bar.update(square_task, completed=done, total=total))
+            projection = strongest_projection(chain, layer, image, maps.channel)
+            occlusion_report.save(out_dir / names[path], model, batch.images[0], projection, maps)
+            rows[path] = summary_row(path, maps, model.categories)
+            row = rows[path]
+            out.print(f"{escape(str(path))}: {escape(row['target_name'])} p={float(row['prob_clean']):.3f}, lowest "
+                      f"{float(row['prob_min']):.3f} with the square at ({row['prob_min_y']}, {row['prob_min_x']})"
+                      + (f", often {escape(row['other_name'])}" if row["other_name"] else ""))
+            bar.advance(image_task)
+    if rows:
+        write_atomic(out_dir / "summary.csv", lambda file: file.write(summary_csv([rows[p] for p in sorted(rows)])))
+    _finish(len(rows), failures, f"images with occlusion maps in {escape(str(out_dir))}")

@@ -139,3 +139,35 @@ def sheet(figures: Sequence[Image.Image], columns: int, title: str) -> Image.Ima
     for i, figure in enumerate(figures):
         page.paste(figure, (8 + (i % columns) * cell_w, 32 + (i // columns) * cell_h))
     return page
+
+
+VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=np.float64)
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
+           (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (199, 199, 199),
+           (219, 219, 141), (158, 218, 229)]
+
+
+def heatmap(values: np.ndarray, low: float, high: float) -> Image.Image:
+    """An h × w array in a viridis-like colour map, ``low`` dark purple to ``high`` yellow."""
+    scaled = np.clip((values - low) / max(high - low, 1e-12), 0, 1) * (len(VIRIDIS) - 1)
+    below = np.floor(scaled).astype(int).clip(0, len(VIRIDIS) - 2)
+    weight = (scaled - below)[..., None]
+    colours = VIRIDIS[below] * (1 - weight) + VIRIDIS[below + 1] * weight
+    return Image.fromarray(colours.round().astype(np.uint8), mode="RGB")
+
+
+def class_colours(classes: np.ndarray) -> Image.Image:
+    """An h × w array of class indices in categorical colours (``PALETTE``, cycled)."""
+    palette = np.array(PALETTE, dtype=np.uint8)
+    return Image.fromarray(palette[classes % len(palette)], mode="RGB")
+
+
+def overlay(picture: Image.Image, cells: Image.Image, corners_y, corners_x, size: int, alpha: float = 0.55):
+    """Blend a map over the picture: each cell covers the square's stride around the square's centre."""
+    step_y = int(corners_y[1] - corners_y[0]) if len(corners_y) > 1 else size
+    step_x = int(corners_x[1] - corners_x[0]) if len(corners_x) > 1 else size
+    layer = cells.resize((cells.width * step_x, cells.height * step_y), Image.NEAREST)
+    canvas = picture.copy()
+    canvas.paste(layer, (int(corners_x[0]) + (size - step_x) // 2, int(corners_y[0]) + (size - step_y) // 2))
+    return Image.blend(picture, canvas, alpha)

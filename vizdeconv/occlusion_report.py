@@ -1,0 +1,74 @@
+"""Pictures and files of an occlusion run: ``occlusion.png``, ``maps.npz``, ``summary.csv``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from vizdeconv import render
+from vizdeconv.models import LoadedModel
+from vizdeconv.occlusion import OcclusionMaps
+from vizdeconv.outputs import save_npz, save_png
+
+MAPS = "maps.npz"
+FIGURE = "occlusion.png"
+
+
+def figure(model: LoadedModel, image: torch.Tensor, projection: torch.Tensor, maps: OcclusionMaps):
+    """Paper Fig. 7: (a) input and square, (b) feature map total, (c) its projection, (d) p(target),
+    (e) most probable class, then (b), (d), (e) overlaid on the input."""
+    picture = render.input_to_image(image, model.mean, model.std)
+    scale = render.PANEL / max(picture.size)
+    square = render.fit(picture).copy()
+    corner = np.unravel_index(int(maps.prob_true.argmin()), maps.prob_true.shape)
+    y, x = int(maps.positions_y[corner[0]]), int(maps.positions_x[corner[1]])
+    square = render.draw_box(square, (y, x, y + maps.size, x + maps.size), scale)
+    name = model.categories[maps.target]
+    features = render.heatmap(maps.feature_total, float(maps.feature_total.min()), float(maps.feature_total.max()))
+    probability = render.heatmap(maps.prob_true, 0.0, 1.0)
+    classes = render.class_colours(maps.top_class)
+    top = render.labelled_row(
+        [square, render.fit(features), render.fit(render.projection_to_image(projection)), render.fit(probability),
+         render.fit(classes)],
+        [f"(a) square {maps.size}px, stride {maps.stride}", f"(b) ch {maps.channel} total "
+         f"{maps.feature_total.min():.3g}..{maps.feature_total.max():.3g}", f"(c) ch {maps.channel} projection",
+         f"(d) p({name[:16]}) 0..1", "(e) most probable class"])
+    overlays = [render.overlay(picture, cells, maps.positions_y, maps.positions_x, maps.size)
+                for cells in (features, probability, classes)]
+    bottom = render.labelled_row([render.fit(o) for o in overlays] + [_legend(model, maps)],
+                                 ["(b) over the input", "(d) over the input", "(e) over the input", "classes (e)"])
+    title = (f"{model.name}, {'layer ' + str(maps.layer) if maps.layer else maps.module}: target {name} "
+             f"(p = {maps.prob_clean:.3f} unoccluded; lowest {maps.prob_true.min():.3f}, square marked in (a))")
+    return render.stack([top, bottom], title)
+
+
+def _legend(model: LoadedModel, maps: OcclusionMaps):
+    counts = np.bincount(maps.top_class.ravel())
+    shown = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c]][:10]
+    panel = Image.new("RGB", (render.PANEL, render.PANEL), "white")
+    draw = ImageDraw.Draw(panel)
+    for row, index in enumerate(shown):
+        draw.rectangle([4, 4 + row * 18, 16, 16 + row * 18], fill=render.PALETTE[index % len(render.PALETTE)])
+        share = counts[index] / maps.top_class.size
+        draw.text((22, 3 + row * 18), f"{model.categories[index][:18]} {share:.0%}", fill="black", font=render.font(12))
+    return panel
+
+
+def save(folder: Path, model: LoadedModel, image: torch.Tensor, projection: torch.Tensor, maps: OcclusionMaps):
+    """Figure first, maps last: a ``maps.npz`` present means this image's outputs are complete."""
+    save_png(folder / FIGURE, figure(model, image, projection, maps))
+    save_npz(folder / MAPS, **maps.arrays())
+
+
+def load_complete(folder: Path) -> OcclusionMaps | None:
+    """The maps of an image done earlier, if both its files are there and readable."""
+    if not (folder / FIGURE).exists():
+        return None
+    try:
+        with np.load(folder / MAPS) as arrays:
+            return OcclusionMaps.from_arrays(arrays)
+    except (OSError, KeyError, ValueError):
+        return None
