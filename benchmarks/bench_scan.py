@@ -89,10 +89,7 @@ def throughput(model: LoadedModel, paths: list[Path], batch_size: int, workers: 
     found = hits(top, layer, paths, model.input_size)
     chosen = {c: found[c] for c in list(found)[:16]}
     start = time.perf_counter()
-    tiles = {}
-    for tiles in report.make_tiles(model, layer, chosen, project_hits(model, chain, layer, chosen,
-                                                                      batch_size=batch_size)):
-        pass
+    tiles = report.make_tiles(model, layer, chosen, project_hits(model, chain, layer, chosen, batch_size=batch_size))
     with tempfile.TemporaryDirectory() as out:
         report.write_layer(Path(out), model, layer, 9, chosen, tiles, len(paths), [])
     seconds = time.perf_counter() - start

@@ -4,7 +4,6 @@ linked from sample_images/fashion-mnist): the default images of `vizdeconv proje
 from pathlib import Path
 
 from PIL import Image
-
 from train_embedded import CATEGORIES, DATA_DIR, read_idx
 
 OUT = Path(__file__).resolve().parent.parent / "vizdeconv" / "data" / "fashion-mnist"

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
@@ -17,7 +19,13 @@ from vizdeconv.cli import main
 from vizdeconv.errors import VizDeconvError
 from vizdeconv.layers import trace_chain
 from vizdeconv.models import LoadedModel
-from vizdeconv.occlusion import corners, default_geometry, fill_values, occlude, resolve_target
+from vizdeconv.occlusion import (
+    corners,
+    default_geometry,
+    fill_values,
+    occlude,
+    resolve_target,
+)
 
 FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
 
@@ -69,16 +77,21 @@ def brute_force(model, chain, layer, image, size, stride, fill, target, channel)
     return np.reshape(prob, shape), np.reshape(top, shape), np.reshape(total, shape)
 
 
-def assert_matches_brute_force(model, image, size, stride, fill="mean", target="auto", layer_number=None):
+def assert_matches_brute_force(model, image, size, stride, fill="mean", target="auto", layer_number=None,
+                               method="incremental"):
+    """Both the default (incremental) path and the forced brute-force path equal the loop."""
     chain = trace_chain(model)
     layer = chain.layer(layer_number or len(chain.layers()))
     fill = fill_values(fill, model)
-    maps = occlude(model, chain, layer, image, size=size, stride=stride, fill=fill, target=target, batch_size=7)
-    prob, top, total = brute_force(model, chain, layer, image, size, stride, fill, maps.target, maps.channel)
-    np.testing.assert_allclose(maps.prob_true, prob, atol=1e-5)
-    assert (maps.top_class == top).all()
-    np.testing.assert_allclose(maps.feature_total, total, rtol=1e-5, atol=1e-5 * np.abs(total).max())
-    assert maps.positions_y.tolist() == list(range(0, image.shape[1] - size + 1, stride))
+    for brute in (False, True):
+        maps = occlude(model, chain, layer, image, size=size, stride=stride, fill=fill, target=target, batch_size=7,
+                       brute_force=brute)
+        assert maps.method == ("brute force" if brute else method)
+        prob, top, total = brute_force(model, chain, layer, image, size, stride, fill, maps.target, maps.channel)
+        np.testing.assert_allclose(maps.prob_true, prob, atol=1e-5)
+        assert (maps.top_class == top).all()
+        np.testing.assert_allclose(maps.feature_total, total, rtol=1e-5, atol=1e-5 * np.abs(total).max())
+        assert maps.positions_y.tolist() == list(range(0, image.shape[1] - size + 1, stride))
     return maps
 
 
@@ -143,3 +156,101 @@ def test_occlude_command_batch_run_resumes(tmp_path):
 def test_square_larger_than_the_image_is_a_usage_error():
     result = CliRunner().invoke(main, ["occlude", str(FASHION / "test00000_ankle-boot.png"), "--size", "40"])
     assert result.exit_code == 2 and "larger than the model's input (28 px)" in result.stderr
+
+
+def test_vgg11_bn_maps_equal_brute_force(vgg11_bn):
+    torch.manual_seed(1)
+    assert_matches_brute_force(vgg11_bn, torch.randn(3, 224, 224), 64, 80, layer_number=4)
+
+
+def test_model_the_chain_cannot_cover_falls_back_to_brute_force():
+    class Doubled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.relu, self.fc = nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Linear(3 * 8 * 8, 4)
+
+        def forward(self, x):
+            return self.fc(self.relu(self.conv(x)).flatten(1) * 2)
+
+    torch.manual_seed(0)
+    model = LoadedModel("m", "random", Doubled().eval(), None, (1, 10, 10), (0.0,), (1.0,), tuple("abcd"))
+    assert_matches_brute_force(model, torch.randn(1, 10, 10), 3, 2, method="brute force")
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_incremental_equals_brute_force_on_random_stacks(data):
+    """Random conv/pool stacks: kernels, strides, padding, dilation, overlapping and ceil-mode pools,
+    odd image sizes, squares at every border, strides smaller and larger than the square."""
+    draw = data.draw
+    torch.manual_seed(draw(st.integers(0, 1000)))
+    channels = draw(st.integers(1, 3))
+    height, width = draw(st.integers(9, 23)), draw(st.integers(9, 23))
+    layers, c = [], channels
+    for _ in range(draw(st.integers(1, 3))):
+        kernel = draw(st.integers(1, 4))
+        dilation = draw(st.integers(1, 2))
+        out = draw(st.integers(1, 4))
+        layers.append(nn.Conv2d(c, out, kernel, stride=draw(st.integers(1, 2)), padding=draw(st.integers(0, 2)),
+                                dilation=dilation))
+        if draw(st.booleans()):  # without a ReLU, a max-pool's padding must act as −inf
+            layers.append(nn.ReLU(inplace=draw(st.booleans())))
+        c = out
+        if draw(st.booleans()):
+            pool = draw(st.integers(2, 3))
+            layers.append(nn.MaxPool2d(pool, stride=draw(st.integers(1, pool)), padding=draw(st.integers(0, pool // 2)),
+                                       ceil_mode=draw(st.booleans())))
+    module = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(c * 4, 3)).eval()
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, channels, height, width))
+    except RuntimeError:
+        return  # the drawn stack shrinks this image to nothing
+    model = LoadedModel("m", "random", module, None, (channels, height, width), (0.0,) * channels,
+                        (1.0,) * channels, tuple("abc"))
+    size = draw(st.integers(1, min(height, width)))
+    stride = draw(st.integers(1, 2 * size))
+    image = torch.randn(channels, height, width)
+    chain = trace_chain(model)
+    layer = chain.layer(draw(st.integers(1, len(chain.layers()))))
+    fill = torch.full((channels,), draw(st.floats(-1, 1)))
+    maps = occlude(model, chain, layer, image, size=size, stride=stride, fill=fill, batch_size=draw(st.integers(1, 9)))
+    assert maps.method == "incremental"
+    prob, top, total = brute_force(model, chain, layer, image, size, stride, fill, maps.target, maps.channel)
+    np.testing.assert_allclose(maps.prob_true, prob, atol=1e-5)
+    np.testing.assert_allclose(maps.feature_total, total, rtol=1e-5, atol=1e-5 * max(np.abs(total).max(), 1e-6))
+
+
+def test_approximate_mode_is_exact_where_it_looks_and_labelled(embedded):
+    chain = trace_chain(embedded)
+    layer = chain.layer(5)
+    image = embedded.preprocess(Image.open(FASHION / "test00000_ankle-boot.png"))
+    arguments = dict(size=6, stride=1, fill=torch.zeros(1), batch_size=16)
+    exact = occlude(embedded, chain, layer, image, **arguments)
+    approximate = occlude(embedded, chain, layer, image, approximate=True, **arguments)
+    assert approximate.method.startswith("approximate") and exact.method == "incremental"
+    f, rows, cols = 4, *exact.prob_true.shape
+    corners_ = [(bi, bj) for bi in range(0, rows, f) for bj in range(0, cols, f)]
+    drops = {c: approximate.prob_clean - exact.prob_true[c] for c in corners_}
+    drilled = set(sorted(corners_, key=lambda c: -drops[c])[: -(-len(corners_) // 4)])
+    for bi, bj in corners_:
+        block = (slice(bi, bi + f), slice(bj, bj + f))
+        expected = exact.prob_true[block] if (bi, bj) in drilled else np.full_like(exact.prob_true[block],
+                                                                                   exact.prob_true[bi, bj])
+        np.testing.assert_allclose(approximate.prob_true[block], expected, atol=1e-5)
+    assert np.abs(approximate.prob_true - exact.prob_true).max() > 1e-3  # it is an approximation
+
+
+def test_occlude_command_methods(tmp_path):
+    image = str(FASHION / "test00001_pullover.png")
+    runner = CliRunner()
+    for flag, folder in (([], "exact"), (["--brute-force"], "brute"), (["--approximate"], "rough")):
+        result = runner.invoke(main, ["occlude", image, "--out", str(tmp_path / folder), *flag], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    maps = {f: np.load(tmp_path / f / "test00001_pullover" / "maps.npz") for f in ("exact", "brute", "rough")}
+    assert str(maps["exact"]["method"]) == "incremental" and str(maps["brute"]["method"]) == "brute force"
+    assert str(maps["rough"]["method"]).startswith("approximate")
+    np.testing.assert_allclose(maps["exact"]["prob_true"], maps["brute"]["prob_true"], atol=1e-5)
+    # Exact maps do not answer an approximate request, nor the other way round.
+    result = runner.invoke(main, ["occlude", image, "--out", str(tmp_path / "exact"), "--approximate"])
+    assert result.exit_code == 0 and "already done" not in result.stderr

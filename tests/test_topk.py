@@ -10,8 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-
 from test_deconv import oracle
+
 from vizdeconv.cli import main
 from vizdeconv.errors import ImageError, LayerError
 from vizdeconv.images import find_images, load_image

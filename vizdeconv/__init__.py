@@ -13,7 +13,13 @@ Typical notebook use::
 """
 
 from vizdeconv.deconv import check_invertible, project, strongest
-from vizdeconv.errors import ImageError, LayerError, ModelError, UnsafeCheckpointError, VizDeconvError
+from vizdeconv.errors import (
+    ImageError,
+    LayerError,
+    ModelError,
+    UnsafeCheckpointError,
+    VizDeconvError,
+)
 from vizdeconv.images import find_images, load_image, read_batches
 from vizdeconv.layers import Chain, Field, Layer, describe, trace_chain
 from vizdeconv.models import LoadedModel, load_model, read_state_dict
@@ -24,8 +30,9 @@ from vizdeconv.switches import Forward, SwitchRecorder
 from vizdeconv.topk import Hit, TopK, hits, project_hits, scan
 
 __all__ = [
-    "Chain", "Field", "Forward", "Hit", "ImageError", "Layer", "LayerError", "LoadedModel", "ModelError", "OcclusionMaps", "SwitchRecorder",
-    "TopK", "UnsafeCheckpointError", "VizDeconvError", "check_invertible", "describe", "find_images", "hits", "load_image",
-    "load_model", "occlude", "predict_files", "project", "project_files", "project_hits", "read_batches",
-    "read_state_dict", "save_image_projections", "scan", "strongest", "trace_chain",
+    "Chain", "Field", "Forward", "Hit", "ImageError", "Layer", "LayerError", "LoadedModel", "ModelError",
+    "OcclusionMaps", "SwitchRecorder", "TopK", "UnsafeCheckpointError", "VizDeconvError", "check_invertible",
+    "describe", "find_images", "hits", "load_image", "load_model", "occlude", "predict_files", "project",
+    "project_files", "project_hits", "read_batches", "read_state_dict", "save_image_projections", "scan",
+    "strongest", "trace_chain",
 ]

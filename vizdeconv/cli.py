@@ -14,7 +14,14 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -23,10 +30,18 @@ from vizdeconv.deconv import check_invertible
 from vizdeconv.embedded import sample_folder
 from vizdeconv.errors import ImageError, VizDeconvError
 from vizdeconv.images import find_images, read_batches
+from vizdeconv.incremental import unsupported
 from vizdeconv.layers import describe, trace_chain
 from vizdeconv.models import EMBEDDED, LoadedModel, load_model
-from vizdeconv.occlusion import (default_geometry, fill_values, is_same_run, occlude, strongest_projection,
-                                  summary_csv, summary_row)
+from vizdeconv.occlusion import (
+    default_geometry,
+    fill_values,
+    is_same_run,
+    occlude,
+    strongest_projection,
+    summary_csv,
+    summary_row,
+)
 from vizdeconv.outputs import output_names, write_atomic
 from vizdeconv.predict import predict_files
 from vizdeconv.projections import project_files, save_image_projections
@@ -118,6 +133,13 @@ def _track(items: Iterator, total: int, description: str, failures: list[ImageEr
             else:
                 yield item
             bar.advance(task)
+
+
+def _advancing(items: Iterable, bar: Progress, task) -> Iterator:
+    """Pass items through, advancing the bar by one for each."""
+    for item in items:
+        yield item
+        bar.advance(task)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -236,12 +258,10 @@ def project_command(model: LoadedModel, batch_size: int, layer_spec: str, folder
             bar.advance(task, done)
     found = hits(best, layer, images, model.input_size)
     wanted = {hit.image for channel_hits in found.values() for hit in channel_hits}
-    tiles = {}
     with progress() as bar:
         task = bar.add_task(f"projecting {sum(map(len, found.values()))} activations", total=len(wanted))
-        projected = project_hits(model, chain, layer, found, batch_size=batch_size)
-        for tiles in report.make_tiles(model, layer, found, projected):
-            bar.advance(task)
+        projected = _advancing(project_hits(model, chain, layer, found, batch_size=batch_size), bar, task)
+        tiles = report.make_tiles(model, layer, found, projected)
     folder = report.write_layer(out_dir, model, layer, top, found, tiles, scanned, failures)
     out.print(f"{escape(layer.label)}: {len(channels)} channels, top {top} over {scanned} images → "
               f"{escape(str(folder))}/ (overview.png, index.json); browse {escape(str(out_dir / 'index.html'))}")
@@ -257,10 +277,13 @@ def project_command(model: LoadedModel, batch_size: int, layer_spec: str, folder
               help="mean (zero after normalisation) or a pixel value in 0..1, e.g. 0.5.")
 @click.option("--target", default="auto", show_default=True, help="Class index or name; auto = top-1 unoccluded.")
 @click.option("--layer", "layer_spec", help="Layer of the feature map [default: the last conv layer].")
+@click.option("--brute-force", is_flag=True, help="One full forward pass per position instead of incremental.")
+@click.option("--approximate", is_flag=True, help="Faster, inexact maps (adaptive drill-down), labelled as such.")
 @click.option("--out", "out_dir", default="vizdeconv-out/occlusion", show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
 def occlude_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int, size: int | None,
-                    stride: int | None, fill: str, target: str, layer_spec: str | None, out_dir: Path) -> None:
+                    stride: int | None, fill: str, target: str, layer_spec: str | None, brute_force: bool,
+                    approximate: bool, out_dir: Path) -> None:
     """Occlusion maps (paper Fig. 7): p(target), top class and a feature map's total per square position."""
     images, failures = _inputs(paths)
     chain = trace_chain(model)
@@ -268,11 +291,14 @@ def occlude_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int,
     default_size, default_stride = default_geometry(model.input_size)
     size, stride = size or default_size, stride or default_stride
     fill_value = fill_values(fill, model)
+    reason = unsupported(chain)
+    if reason and not brute_force:
+        err.print(f"note: exact incremental inference is not possible ({escape(reason)}); using brute force")
     names = output_names(images)
     rows, todo = {}, []
     for path in images:
         done = occlusion_report.load_complete(out_dir / names[path])
-        if done and is_same_run(done, model.name, layer.step.name, size, stride, fill_value, target):
+        if done and is_same_run(done, model.name, layer.step.name, size, stride, fill_value, target, approximate):
             rows[path] = summary_row(path, done, model.categories)
         else:
             todo.append(path)
@@ -290,7 +316,7 @@ def occlude_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int,
             path, image = batch.paths[0], batch.images[0].to(model.device)
             bar.reset(square_task)
             maps = occlude(model, chain, layer, image, size=size, stride=stride, fill=fill_value, target=target,
-                           batch_size=batch_size,
+                           batch_size=batch_size, brute_force=brute_force, approximate=approximate,
                            progress=lambda done, total: bar.update(square_task, completed=done, total=total))
             projection = strongest_projection(chain, layer, image, maps.channel)
             occlusion_report.save(out_dir / names[path], model, batch.images[0], projection, maps)

@@ -2,8 +2,9 @@
 
 "Layer N" is the rectified output of the N-th convolution (paper numbering: layer 5 = conv5's
 ReLU). The chain is found by watching one forward pass: it runs from the input through every
-leaf module whose input is, unchanged, the previous module's output, and ends where the model
-does something else (a residual sum, a functional op, the flatten before the classifier).
+leaf module whose input is, unchanged, the previous module's output (a ``torch.flatten`` in
+between counts as an implicit step), and ends where the model does something else (a residual
+sum, another functional op).
 """
 
 from __future__ import annotations
@@ -177,6 +178,10 @@ def trace_chain(model: LoadedModel) -> Chain:
     end = "the model's output"
     for module, tensor, tensor_version, out, out_version in calls:
         name = names.get(module, type(module).__name__)
+        if _is_flattened(tensor, tensor_version, previous, version):
+            # torch.flatten(x, 1) in the model's forward (torchvision's AlexNet and VGG): an implicit step.
+            steps.append(Step(len(steps), "(flatten)", nn.Flatten(), tuple(previous.shape[1:]), tuple(tensor.shape[1:])))
+            previous = tensor
         if tensor is not previous or tensor_version != version or not isinstance(out, torch.Tensor):
             end = f"{name!r}, whose input is not the plain output of {previous_name}"
             break
@@ -186,6 +191,11 @@ def trace_chain(model: LoadedModel) -> Chain:
         if previous is not output:
             end = f"{previous_name}, after which the model does more"
     return Chain(tuple(steps), end, model.input_size)
+
+
+def _is_flattened(tensor, tensor_version, previous, version) -> bool:
+    return (tensor is not None and tensor is not previous and tensor_version == version and tensor.dim() == 2
+            and previous.dim() > 2 and torch.equal(tensor, previous.flatten(1)))
 
 
 def describe(chain: Chain) -> list[dict]:

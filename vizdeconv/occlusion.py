@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,12 @@ import torch
 
 from vizdeconv.deconv import project, strongest
 from vizdeconv.errors import VizDeconvError
+from vizdeconv.incremental import IncrementalOcclusion, unsupported
 from vizdeconv.layers import Chain, Layer
 from vizdeconv.models import LoadedModel
 from vizdeconv.switches import SwitchRecorder
 
+DRILL_FACTOR, DRILL_SHARE = 4, 0.25  # approximate mode: coarse grid step (in positions), share drilled into
 REFERENCE_SIDE, REFERENCE_SIZE, REFERENCE_STRIDE = 224, 50, 8  # defaults for 224² inputs, scaled to others
 
 
@@ -72,6 +75,7 @@ class OcclusionMaps:
     """One image's maps, h × w = number of square positions down × across.
 
     Attributes:
+        method: ``incremental`` or ``brute force`` (both exact), or ``approximate (…)``.
         prob_true: p(target) per position. top_class: most probable class per position.
         feature_total: spatial sum of ``channel`` of ``layer`` per position.
         prob_clean, clean_class: p(target) and the top class without a square.
@@ -79,6 +83,7 @@ class OcclusionMaps:
     """
 
     model: str
+    method: str
     prob_true: np.ndarray
     top_class: np.ndarray
     feature_total: np.ndarray
@@ -106,48 +111,97 @@ class OcclusionMaps:
             values[name] = int(values[name])
         for name in ("prob_clean", "feature_clean"):
             values[name] = float(values[name])
-        values["module"], values["model"] = str(values["module"]), str(values["model"])
+        for name in ("module", "model", "method"):
+            values[name] = str(values[name])
         return cls(**values)
 
 
 def occlude(model: LoadedModel, chain: Chain, layer: Layer, image: torch.Tensor, *, size: int, stride: int,
-            fill: torch.Tensor, target: str | int = "auto", batch_size: int = 64,
-            progress: Callable[[int, int], None] | None = None) -> OcclusionMaps:
+            fill: torch.Tensor, target: str | int = "auto", batch_size: int = 64, brute_force: bool = False,
+            approximate: bool = False, progress: Callable[[int, int], None] | None = None) -> OcclusionMaps:
     """All occlusion maps of one preprocessed ``(C, H, W)`` image.
 
+    Exact incremental inference (``incremental.py``) whenever the model allows it; brute force
+    (one full forward pass per position, batched) when asked or when it does not.
+    ``approximate`` evaluates only part of the positions (``_drill_down``) and says so in ``method``.
     ``progress(done, total)`` is called after each batch of square positions.
     """
     _, height, width = image.shape
     ys, xs = corners(height, size, stride), corners(width, size, stride)
     image = image.to(model.device)
-    fill = fill.to(model.device, image.dtype)[:, None, None]
-    with SwitchRecorder(chain, layer, switches=False) as recorder, torch.no_grad():
-        clean_probabilities = model.module(image[None]).softmax(1)[0]
-        clean = recorder.recorded.activations[0]
-        channel = int(clean.flatten(1).max(1).values.argmax())
-        target_class = resolve_target(target, model, clean_probabilities)
-        places = torch.tensor([(y, x) for y in ys for x in xs])
-        prob_true, top_class, feature_total = [], [], []
-        for start in range(0, len(places), batch_size):
-            chunk = places[start:start + batch_size]
-            batch = image.repeat(len(chunk), 1, 1, 1)
-            for i, (y, x) in enumerate(chunk.tolist()):
-                batch[i, :, y:y + size, x:x + size] = fill
-            probabilities = model.module(batch).softmax(1)
-            prob_true.append(probabilities[:, target_class].cpu())
-            top_class.append(probabilities.argmax(1).cpu())
-            feature_total.append(recorder.recorded.activations[:, channel].sum((1, 2)).cpu())
+    fill = fill.to(model.device, image.dtype)
+    incremental = not brute_force and unsupported(chain) is None
+    if incremental:
+        engine = IncrementalOcclusion(chain, image, layer.step.index)
+        clean_logits, clean = engine.logits, engine.layer_output
+    else:
+        with SwitchRecorder(chain, layer, switches=False) as recorder, torch.no_grad():
+            clean_logits = model.module(image[None])[0]
+            clean = recorder.recorded.activations[0]
+    clean_probabilities = clean_logits.softmax(0)
+    channel = int(clean.flatten(1).max(1).values.argmax())
+    target_class = resolve_target(target, model, clean_probabilities)
+
+    def evaluate(places: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if incremental:
+            return engine.evaluate(places, size, fill, channel)
+        batch = image.repeat(len(places), 1, 1, 1)
+        for i, (y, x) in enumerate(places.tolist()):
+            batch[i, :, y:y + size, x:x + size] = fill[:, None, None]
+        with SwitchRecorder(chain, layer, switches=False) as recorder, torch.no_grad():
+            logits = model.module(batch)
+            return logits, recorder.recorded.activations[:, channel].sum((1, 2))
+
+    grid = torch.tensor([(y, x) for y in ys for x in xs]).view(len(ys), len(xs), 2)
+    maps = torch.zeros(3, len(ys), len(xs), dtype=torch.float64)  # p(target), top class, feature total
+    done = 0
+
+    def run(cells: torch.Tensor) -> None:
+        """Evaluate the grid cells ``(n, 2)`` (row, column indices) in batches, filling ``maps``."""
+        nonlocal done
+        total = done + len(cells)
+        for chunk in cells.split(batch_size):
+            logits, totals = evaluate(grid[chunk[:, 0], chunk[:, 1]])
+            probabilities = logits.softmax(1)
+            values = torch.stack([probabilities[:, target_class], probabilities.argmax(1), totals]).cpu()
+            maps[:, chunk[:, 0], chunk[:, 1]] = values.double()
+            done += len(chunk)
             if progress:
-                progress(min(start + batch_size, len(places)), len(places))
-    shape = (len(ys), len(xs))
+                progress(done, total)
+
+    cells = torch.cartesian_prod(torch.arange(len(ys)), torch.arange(len(xs)))
+    if incremental:
+        cells = cells[engine.order(grid[cells[:, 0], cells[:, 1]], size)]
+    method = "incremental" if incremental else "brute force"
+    if approximate:
+        _drill_down(run, cells, maps, float(clean_probabilities[target_class]))
+        method = f"approximate ({method}, drill-down: every {DRILL_FACTOR}th position, then all positions near the " \
+                 f"{DRILL_SHARE:.0%} of those with the largest drop in p(target))"
+    else:
+        run(cells)
     return OcclusionMaps(
-        model=model.name, prob_true=torch.cat(prob_true).view(shape).numpy().astype(np.float32),
-        top_class=torch.cat(top_class).view(shape).numpy().astype(np.int64),
-        feature_total=torch.cat(feature_total).view(shape).numpy().astype(np.float32),
+        model=model.name, method=method, prob_true=maps[0].numpy().astype(np.float32),
+        top_class=maps[1].numpy().astype(np.int64), feature_total=maps[2].numpy().astype(np.float32),
         channel=channel, target=target_class, layer=layer.number or 0, module=layer.step.name, size=size,
-        stride=stride, fill=fill[:, 0, 0].cpu().numpy(), positions_y=np.array(ys), positions_x=np.array(xs),
+        stride=stride, fill=fill.cpu().numpy(), positions_y=np.array(ys), positions_x=np.array(xs),
         prob_clean=float(clean_probabilities[target_class]), clean_class=int(clean_probabilities.argmax()),
         feature_clean=float(clean[channel].sum()))
+
+
+def _drill_down(run: Callable[[torch.Tensor], None], cells: torch.Tensor, maps: torch.Tensor, prob_clean: float) -> None:
+    """Adaptive drill-down (Krypton): evaluate every ``DRILL_FACTOR``-th position along each axis and
+    give its block of ``DRILL_FACTOR``² positions its values; then evaluate exactly every position of
+    the ``DRILL_SHARE`` of blocks where p(target) dropped most."""
+    coarse = cells[(cells[:, 0] % DRILL_FACTOR == 0) & (cells[:, 1] % DRILL_FACTOR == 0)]
+    run(coarse)
+    blocks = cells // DRILL_FACTOR * DRILL_FACTOR
+    maps[:, cells[:, 0], cells[:, 1]] = maps[:, blocks[:, 0], blocks[:, 1]]
+    drop = prob_clean - maps[0, coarse[:, 0], coarse[:, 1]]
+    chosen = coarse[drop.argsort(descending=True, stable=True)[: math.ceil(DRILL_SHARE * len(coarse))]]
+    chosen_blocks = {tuple(c) for c in chosen.tolist()}
+    fine = torch.tensor([c for c, b in zip(cells.tolist(), blocks.tolist()) if tuple(b) in chosen_blocks and c != b],
+                        dtype=torch.long).view(-1, 2)
+    run(fine)
 
 
 def strongest_projection(chain: Chain, layer: Layer, image: torch.Tensor, channel: int) -> torch.Tensor:
@@ -158,10 +212,12 @@ def strongest_projection(chain: Chain, layer: Layer, image: torch.Tensor, channe
 
 
 def is_same_run(maps: OcclusionMaps, model: str, module: str, size: int, stride: int, fill: torch.Tensor,
-                target: str) -> bool:
-    """Whether maps written earlier answer this run's question (for resuming)."""
+                target: str, approximate: bool) -> bool:
+    """Whether maps written earlier answer this run's question (for resuming); exact maps from either
+    exact method do."""
     return (maps.model, maps.module, maps.size, maps.stride) == (model, module, size, stride) and \
-        np.allclose(maps.fill, fill.numpy()) and (target == "auto" or str(maps.target) == str(target))
+        np.allclose(maps.fill, fill.numpy()) and (target == "auto" or str(maps.target) == str(target)) and \
+        maps.method.startswith("approximate") == approximate
 
 
 SUMMARY_COLUMNS = ["image", "target", "target_name", "prob_clean", "prob_min", "prob_min_y", "prob_min_x",

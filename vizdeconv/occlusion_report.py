@@ -41,7 +41,8 @@ def figure(model: LoadedModel, image: torch.Tensor, projection: torch.Tensor, ma
     bottom = render.labelled_row([render.fit(o) for o in overlays] + [_legend(model, maps)],
                                  ["(b) over the input", "(d) over the input", "(e) over the input", "classes (e)"])
     title = (f"{model.name}, {'layer ' + str(maps.layer) if maps.layer else maps.module}: target {name} "
-             f"(p = {maps.prob_clean:.3f} unoccluded; lowest {maps.prob_true.min():.3f}, square marked in (a))")
+             f"(p = {maps.prob_clean:.3f} unoccluded; lowest {maps.prob_true.min():.3f}, square marked in (a))"
+             + ("; APPROXIMATE maps" if maps.method.startswith("approximate") else ""))
     return render.stack([top, bottom], title)
 
 

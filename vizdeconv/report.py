@@ -31,8 +31,8 @@ Tiles = dict[int, dict[int, tuple]]  # channel → slot → (projection tile, pa
 
 
 def make_tiles(model: LoadedModel, layer: Layer, found: dict[int, list[Hit]],
-               projected: Iterable[tuple[Path, torch.Tensor, list[tuple[int, int, torch.Tensor]]]]) -> Iterable[Tiles]:
-    """Turn ``topk.project_hits`` output into display tiles; yields the growing tiles after each image."""
+               projected: Iterable[tuple[Path, torch.Tensor, list[tuple[int, int, torch.Tensor]]]]) -> Tiles:
+    """Turn ``topk.project_hits`` output into display tiles (channel → slot → (projection, patch))."""
     side = render.tile_side(max(layer.field.size))
     tiles: Tiles = {channel: {} for channel in found}
     for _, image, entries in projected:
@@ -41,7 +41,7 @@ def make_tiles(model: LoadedModel, layer: Layer, found: dict[int, list[Hit]],
             window = layer.field.window(*found[channel][slot].position)
             tiles[channel][slot] = (render.field_tile(render.projection_to_image(pixels), window, side),
                                     render.field_tile(picture, window, side))
-        yield tiles
+    return tiles
 
 
 def write_layer(out: Path, model: LoadedModel, layer: Layer, k: int, found: dict[int, list[Hit]], tiles: Tiles,
