@@ -7,10 +7,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
-
 from test_deconv import oracle
+
 from vizdeconv.cli import main
 from vizdeconv.layers import trace_chain
 from vizdeconv.switches import SwitchRecorder
@@ -69,7 +70,9 @@ def test_deconv_writes_figures_and_npz_matching_the_oracle(tmp_path, embedded):
         assert set(data.files) == {"projection", "input", "layer", "module", "channel", "position", "value", "box"}
         channel, (y, x) = int(data["channel"]), data["position"].tolist()
         assert path.name == f"layer5_ch{channel:03d}.npz" and int(data["layer"]) == 5
-        assert data["value"] == activations[channel].max() == activations[channel, y, x]
+        # (recomputed here at batch size 1: conv kernels may differ in the last bits across batch sizes)
+        assert float(data["value"]) == pytest.approx(activations[channel].max().item(), rel=1e-5)
+        assert float(data["value"]) == pytest.approx(activations[channel, y, x].item(), rel=1e-5)
         assert tuple(data["box"]) == layer.field.box(y, x, 28, 28)
         expected = oracle(chain, layer, image, (0, channel, y, x))
         np.testing.assert_allclose(data["projection"], expected.numpy(), rtol=1e-4,
