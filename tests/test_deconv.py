@@ -158,3 +158,24 @@ def test_unknown_module_is_named():
     chain = trace_chain(model)
     with pytest.raises(LayerError, match=r"'1' \(Tanh\)"):
         check_invertible(chain, chain.layer(2))
+
+
+class SharedReLU(nn.Module):
+    """One ReLU module called after every conv, as hand-written models often do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 3, 3)
+        self.pool = nn.MaxPool2d(3, stride=2)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.conv3(self.pool(self.relu(self.conv2(self.relu(self.conv1(x)))))))
+
+
+def test_a_module_called_twice_in_the_chain():
+    torch.manual_seed(4)
+    model = LoadedModel("shared", "random", SharedReLU().eval(), None, (2, 21, 21), (0.0,) * 2, (1.0,) * 2, ())
+    chain = trace_chain(model)
+    assert [s.name for s in chain.steps].count("relu") == 3 and chain.end == "the model's output"
+    assert_matches_oracle(model, [1, 2, 3], torch.randn(2, 2, 21, 21), top=2)
