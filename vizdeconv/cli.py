@@ -29,20 +29,12 @@ from vizdeconv import occlusion_report, report
 from vizdeconv.deconv import check_invertible
 from vizdeconv.embedded import sample_folder
 from vizdeconv.errors import ImageError, VizDeconvError
-from vizdeconv.images import find_images, read_batches
+from vizdeconv.images import find_images
 from vizdeconv.incremental import unsupported
 from vizdeconv.layers import describe, trace_chain
 from vizdeconv.models import EMBEDDED, LoadedModel, load_model
-from vizdeconv.occlusion import (
-    default_geometry,
-    fill_values,
-    is_same_run,
-    occlude,
-    strongest_projection,
-    summary_csv,
-    summary_row,
-)
-from vizdeconv.outputs import output_names, write_atomic
+from vizdeconv.occlusion import default_geometry, fill_values, is_same_run
+from vizdeconv.outputs import output_names
 from vizdeconv.predict import predict_files
 from vizdeconv.projections import project_files, save_image_projections
 from vizdeconv.topk import TopK, hits, parse_channels, project_hits, scan
@@ -295,37 +287,27 @@ def occlude_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int,
     if reason and not brute_force:
         err.print(f"note: exact incremental inference is not possible ({escape(reason)}); using brute force")
     names = output_names(images)
-    rows, todo = {}, []
-    for path in images:
-        done = occlusion_report.load_complete(out_dir / names[path])
-        if done and is_same_run(done, model.name, layer.step.name, size, stride, fill_value, target, approximate):
-            rows[path] = summary_row(path, done, model.categories)
-        else:
-            todo.append(path)
+    rows, todo = occlusion_report.split_done(out_dir, names, model, lambda done: is_same_run(
+        done, model.name, layer.step.name, size, stride, fill_value, target, approximate))
     if rows:
         err.print(f"{len(rows)} images already done in {escape(str(out_dir))}, skipped")
     with progress() as bar:
         image_task = bar.add_task("images", total=len(todo))
         square_task = bar.add_task("squares", total=None)
-        for batch in read_batches(todo, preprocess=model.preprocess, channels=model.input_size[0],
-                                  background=model.mean, batch_size=1):
-            if isinstance(batch, ImageError):
-                failures.append(batch)
-                bar.advance(image_task)
+        results = occlusion_report.occlude_files(
+            model, chain, layer, todo, out_dir, names, size=size, stride=stride, fill=fill_value, target=target,
+            batch_size=batch_size, brute_force=brute_force, approximate=approximate,
+            squares=lambda done, total: bar.update(square_task, completed=done, total=total))
+        for result in results:
+            bar.advance(image_task)
+            if isinstance(result, ImageError):
+                failures.append(result)
                 continue
-            path, image = batch.paths[0], batch.images[0].to(model.device)
-            bar.reset(square_task)
-            maps = occlude(model, chain, layer, image, size=size, stride=stride, fill=fill_value, target=target,
-                           batch_size=batch_size, brute_force=brute_force, approximate=approximate,
-                           progress=lambda done, total: bar.update(square_task, completed=done, total=total))
-            projection = strongest_projection(chain, layer, image, maps.channel)
-            occlusion_report.save(out_dir / names[path], model, batch.images[0], projection, maps)
-            rows[path] = summary_row(path, maps, model.categories)
-            row = rows[path]
+            path, row = result
+            rows[path] = row
             out.print(f"{escape(str(path))}: {escape(row['target_name'])} p={float(row['prob_clean']):.3f}, lowest "
                       f"{float(row['prob_min']):.3f} with the square at ({row['prob_min_y']}, {row['prob_min_x']})"
                       + (f", often {escape(row['other_name'])}" if row["other_name"] else ""))
-            bar.advance(image_task)
     if rows:
-        write_atomic(out_dir / "summary.csv", lambda file: file.write(summary_csv([rows[p] for p in sorted(rows)])))
+        occlusion_report.save_summary(out_dir, rows)
     _finish(len(rows), failures, f"images with occlusion maps in {escape(str(out_dir))}")

@@ -1,7 +1,8 @@
-"""Pictures and files of an occlusion run: ``occlusion.png``, ``maps.npz``, ``summary.csv``."""
+"""Occlusion runs over files: ``occlusion.png`` and ``maps.npz`` per image, ``summary.csv``, resuming."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +10,18 @@ import torch
 from PIL import Image, ImageDraw
 
 from vizdeconv import render
+from vizdeconv.errors import ImageError
+from vizdeconv.images import read_batches
+from vizdeconv.layers import Chain, Layer
 from vizdeconv.models import LoadedModel
-from vizdeconv.occlusion import OcclusionMaps
-from vizdeconv.outputs import save_npz, save_png
+from vizdeconv.occlusion import (
+    OcclusionMaps,
+    occlude,
+    strongest_projection,
+    summary_csv,
+    summary_row,
+)
+from vizdeconv.outputs import save_npz, save_png, write_atomic
 
 MAPS = "maps.npz"
 FIGURE = "occlusion.png"
@@ -73,3 +83,39 @@ def load_complete(folder: Path) -> OcclusionMaps | None:
             return OcclusionMaps.from_arrays(arrays)
     except (OSError, KeyError, ValueError):
         return None
+
+
+
+def split_done(out: Path, names: dict[Path, str], model: LoadedModel, is_same: Callable[[OcclusionMaps], bool]
+               ) -> tuple[dict[Path, dict], list[Path]]:
+    """Summary rows of the images already complete in ``out`` for this run's question, and the rest."""
+    rows, todo = {}, []
+    for path, name in names.items():
+        done = load_complete(out / name)
+        if done is not None and is_same(done):
+            rows[path] = summary_row(path, done, model.categories)
+        else:
+            todo.append(path)
+    return rows, todo
+
+
+def occlude_files(model: LoadedModel, chain: Chain, layer: Layer, paths: list[Path], out: Path,
+                  names: dict[Path, str], *, squares: Callable[[int, int], None] | None = None,
+                  **options) -> Iterator[tuple[Path, dict] | ImageError]:
+    """Occlusion maps of each image, saved under ``out/<name>/``; yields ``(path, summary row)`` per image
+    and an ``ImageError`` per file that failed. ``options`` go to ``occlusion.occlude``."""
+    for batch in read_batches(paths, preprocess=model.preprocess, channels=model.input_size[0],
+                              background=model.mean, batch_size=1):
+        if isinstance(batch, ImageError):
+            yield batch
+            continue
+        path, image = batch.paths[0], batch.images[0].to(model.device)
+        maps = occlude(model, chain, layer, image, progress=squares, **options)
+        projection = strongest_projection(chain, layer, image, maps.channel)
+        save(out / names[path], model, batch.images[0], projection, maps)
+        yield path, summary_row(path, maps, model.categories)
+
+
+def save_summary(out: Path, rows: dict[Path, dict]) -> Path:
+    """``summary.csv``, one row per image (columns in ``occlusion.SUMMARY_COLUMNS``), sorted by path."""
+    return write_atomic(out / "summary.csv", lambda file: file.write(summary_csv([rows[p] for p in sorted(rows)])))
