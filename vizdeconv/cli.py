@@ -158,7 +158,7 @@ def layers(model: LoadedModel, batch_size: int, as_json: bool) -> None:
         table.add_row(str(row["layer"]), row["module"], row["type"], "×".join(map(str, row["output_shape"])),
                       "×".join(map(str, row["rf_size"])), "×".join(map(str, row["rf_stride"])))
     out.print(table)
-    err.print(f"projectable chain ends at {escape(chain.end)}")
+    err.print(f"the plain chain of modules ends at {escape(chain.end)}")
 
 
 @main.command()
