@@ -67,3 +67,20 @@ def test_hooks_removed_and_model_unchanged_after_success_and_error(alexnet):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert inplace == [m.inplace for m in alexnet.module.modules() if isinstance(m, torch.nn.ReLU)]
     assert not alexnet.module.training
+
+
+def test_a_shared_module_is_matched_to_the_right_call_with_or_without_switches():
+    from test_deconv import SharedReLU
+    from vizdeconv.models import LoadedModel
+
+    torch.manual_seed(4)
+    model = LoadedModel("shared", "random", SharedReLU().eval(), None, (2, 21, 21), (0.0,) * 2, (1.0,) * 2, ())
+    chain = trace_chain(model)
+    layer = chain.layer(2)  # the second call of the shared ReLU
+    images = torch.randn(2, 2, 21, 21)
+    expected = images
+    for step in chain.steps[: layer.step.index + 1]:
+        expected = step.module(expected)
+    for switches in (True, False):
+        with SwitchRecorder(chain, layer, switches=switches) as recorder:
+            assert torch.equal(recorder.forward(images).activations, expected)

@@ -51,7 +51,9 @@ class SwitchRecorder:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._steps_of: dict[nn.Module, list[int]] = defaultdict(list)
         self._calls: dict[nn.Module, int] = defaultdict(int)
-        for step in chain.steps[: layer.step.index + 1] if switches else [layer.step]:
+        # Every call up to the layer is counted, so that a module the chain calls more than once
+        # (one shared ReLU, say) is matched to the right step.
+        for step in chain.steps[: layer.step.index + 1]:
             self._steps_of[step.module].append(step.index)
 
     def __enter__(self) -> SwitchRecorder:
@@ -83,7 +85,7 @@ class SwitchRecorder:
         if calls >= len(self._steps_of[module]):
             return
         index = self._steps_of[module][calls]
-        if isinstance(module, nn.MaxPool2d):
+        if self.switches and isinstance(module, nn.MaxPool2d):
             _, switches = F.max_pool2d(inputs[0], module.kernel_size, module.stride, module.padding,
                                        module.dilation, ceil_mode=module.ceil_mode, return_indices=True)
             self.recorded.switches[index] = switches
