@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vizdeconv.layers import RECTIFIERS, Chain, Step, local_geometry
+from vizdeconv.layers import POINTWISE, Chain, Step, local_geometry
 
-POINTWISE = RECTIFIERS + (nn.BatchNorm2d, nn.LocalResponseNorm, nn.Dropout, nn.Identity)
 LOCAL = (nn.Conv2d, nn.MaxPool2d)
 
 
@@ -41,6 +40,30 @@ def changed_range(module: nn.Module, axis: int, first: torch.Tensor, end: torch.
     low = (-((-(first + padding - reach)) // stride)).clamp(min=0)  # ceil division
     high = ((end - 1 + padding) // stride + 1).clamp(max=size_out)
     return low, torch.maximum(high, low)
+
+
+def changed_regions(chain: Chain, corners: torch.Tensor, size: int):
+    """For each conv or max-pool that incremental inference runs on regions: the step and the exactly
+    changed output rows and columns ``[first, end)`` (two ``(N, 2)`` tensors) for squares at ``corners``."""
+    first, end = corners, corners + size
+    for step in chain.steps:
+        if not isinstance(step.module, POINTWISE + LOCAL):
+            return
+        if isinstance(step.module, LOCAL):
+            ranges = [changed_range(step.module, axis, first[:, axis], end[:, axis], step.output_shape[1 + axis])
+                      for axis in (0, 1)]
+            first, end = torch.stack([r[0] for r in ranges], 1), torch.stack([r[1] for r in ranges], 1)
+            yield step, first, end
+
+
+def batch_order(chain: Chain, corners: torch.Tensor, size: int) -> torch.Tensor:
+    """A permutation of the ``(N, 2)`` corners that puts positions with the same changed-region sizes
+    next to each other, so that batches cut in this order need little more than their exact regions."""
+    keys = [end - first for _, first, end in changed_regions(chain, corners.cpu(), size)]
+    if not keys:
+        return torch.arange(len(corners))
+    signature = torch.cat([k[:, :1] for k in keys] + [k[:, 1:] for k in keys], dim=1).numpy()
+    return torch.from_numpy(np.lexsort(signature.T[::-1]).copy())
 
 
 class IncrementalOcclusion:
@@ -93,24 +116,6 @@ class IncrementalOcclusion:
         if full is None:
             full = self._assemble(len(self.chain.steps), patch, origin)
         return full, totals
-
-    def order(self, corners: torch.Tensor, size: int) -> torch.Tensor:
-        """A permutation of the ``(N, 2)`` corners that puts positions with the same changed-region sizes
-        next to each other, so that batches cut in this order need little more than their exact regions."""
-        first, end = corners, corners + size
-        keys = []
-        for step in self.chain.steps:
-            if not isinstance(step.module, POINTWISE + LOCAL):
-                break
-            if isinstance(step.module, LOCAL):
-                ranges = [changed_range(step.module, axis, first[:, axis], end[:, axis], step.output_shape[1 + axis])
-                          for axis in (0, 1)]
-                first, end = torch.stack([r[0] for r in ranges], 1), torch.stack([r[1] for r in ranges], 1)
-                keys.append(end - first)
-        if not keys:
-            return torch.arange(len(corners))
-        signature = torch.cat([k[:, :1] for k in keys] + [k[:, 1:] for k in keys], dim=1).numpy()
-        return torch.from_numpy(np.lexsort(signature.T[::-1]).copy())
 
     def _local(self, step: Step, patch: torch.Tensor, origin: torch.Tensor,
                changed: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tuple]:
@@ -187,24 +192,16 @@ def multiply_adds(chain: Chain, size: int, stride: int) -> tuple[float, float]:
     computing only each conv's exactly changed output region (the theoretical limit of incremental
     inference; the implementation recomputes a little more to keep one region size per batch)."""
     height, width = chain.input_size[1:]
-    ranges = [(torch.arange(0, length - size + 1, stride),) * 2 for length in (height, width)]
-    ranges = [(first, first + size) for first, _ in ranges]
+    corners = torch.cartesian_prod(torch.arange(0, height - size + 1, stride), torch.arange(0, width - size + 1, stride))
+    changed = {step.index: (end - first).prod(1).double().mean().item()
+               for step, first, end in changed_regions(chain, corners, size)}
     full_total = incremental_total = 0.0
-    whole = False
     for step in chain.steps:
         module = step.module
-        whole = whole or not isinstance(module, POINTWISE + LOCAL)
-        if isinstance(module, LOCAL) and not whole:
-            ranges = [changed_range(module, axis, *ranges[axis], step.output_shape[1 + axis]) for axis in (0, 1)]
         if isinstance(module, nn.Conv2d):
             per_output = module.out_channels * module.in_channels // module.groups * prod(module.kernel_size)
-            full = step.output_shape[1] * step.output_shape[2] * per_output
-            full_total += full
-            if whole:
-                incremental_total += full
-            else:
-                mean_rows, mean_cols = ((end - first).double().mean().item() for first, end in ranges)
-                incremental_total += mean_rows * mean_cols * per_output
+            full_total += step.output_shape[1] * step.output_shape[2] * per_output
+            incremental_total += changed.get(step.index, step.output_shape[1] * step.output_shape[2]) * per_output
         elif isinstance(module, nn.Linear):
             full_total += module.in_features * module.out_features
             incremental_total += module.in_features * module.out_features

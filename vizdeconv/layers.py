@@ -19,6 +19,7 @@ from vizdeconv.errors import LayerError
 from vizdeconv.models import LoadedModel
 
 RECTIFIERS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU)
+POINTWISE = RECTIFIERS + (nn.BatchNorm2d, nn.LocalResponseNorm, nn.Dropout, nn.Identity)  # spatially, in eval
 LOCAL_OPS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 
 
@@ -122,13 +123,9 @@ class Chain:
                     size[axis] += dilation * (kernel - 1) * stride[axis]
                     offset[axis] -= padding * stride[axis]
                     stride[axis] *= step_stride
-            elif not _is_pointwise(module):
+            elif not isinstance(module, POINTWISE):
                 return Field(self.input_size[1:], (0, 0), (0, 0))
         return Field(tuple(size), tuple(stride), tuple(offset))
-
-
-def _is_pointwise(module: nn.Module) -> bool:
-    return isinstance(module, RECTIFIERS + (nn.BatchNorm2d, nn.LocalResponseNorm, nn.Dropout, nn.Identity))
 
 
 def local_geometry(module: nn.Module, axis: int) -> tuple[int, int, int, int]:

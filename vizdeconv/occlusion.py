@@ -20,7 +20,7 @@ import torch
 
 from vizdeconv.deconv import project, strongest
 from vizdeconv.errors import VizDeconvError
-from vizdeconv.incremental import IncrementalOcclusion, unsupported
+from vizdeconv.incremental import IncrementalOcclusion, batch_order, unsupported
 from vizdeconv.layers import Chain, Layer
 from vizdeconv.models import LoadedModel
 from vizdeconv.switches import SwitchRecorder
@@ -171,7 +171,7 @@ def occlude(model: LoadedModel, chain: Chain, layer: Layer, image: torch.Tensor,
 
     cells = torch.cartesian_prod(torch.arange(len(ys)), torch.arange(len(xs)))
     if incremental:
-        cells = cells[engine.order(grid[cells[:, 0], cells[:, 1]], size)]
+        cells = cells[batch_order(chain, grid[cells[:, 0], cells[:, 1]], size)]
     method = "incremental" if incremental else "brute force"
     if approximate:
         _drill_down(run, cells, maps, float(clean_probabilities[target_class]))
