@@ -20,6 +20,7 @@ from vizdeconv.layers import RECTIFIERS, Chain, Layer, Step, local_geometry
 from vizdeconv.switches import Forward
 
 SKIPPED = (nn.LocalResponseNorm, nn.Dropout, nn.Identity)
+SEEDS_PER_PASS = 64  # seeds travelling down together: bounds the memory of one pass
 
 
 @torch.no_grad()
@@ -35,12 +36,15 @@ def project(chain: Chain, layer: Layer, forward: Forward, seeds: torch.Tensor) -
         layer: the layer the seeds live in.
         forward: what ``SwitchRecorder`` recorded for a batch of N images at ``layer``.
         seeds: ``(S, 4)`` int64 rows ``[image, channel, y, x]``; each is seeded with its own value.
+            They go down ``SEEDS_PER_PASS`` at a time.
 
     Returns:
         ``(S, C, H, W)`` projections in the model's (normalised) input space.
     """
+    seeds = seeds.to(forward.activations.device)
+    if len(seeds) > SEEDS_PER_PASS:
+        return torch.cat([project(chain, layer, forward, chunk) for chunk in seeds.split(SEEDS_PER_PASS)])
     activations = forward.activations
-    seeds = seeds.to(activations.device)
     image, channel, y, x = seeds.unbind(1)
     signal = activations.new_zeros(len(seeds), layer.step.output_shape[0], 1, 1)
     signal[torch.arange(len(seeds)), channel, 0, 0] = activations[image, channel, y, x]

@@ -22,7 +22,6 @@ from vizdeconv.layers import Chain, Layer
 from vizdeconv.models import LoadedModel
 from vizdeconv.switches import SwitchRecorder
 
-PROJECTION_CHUNK = 64  # seeds per batched down pass: bounds the memory of the projection phase
 # Conv kernels choose their algorithm by batch size, so an activation can differ in its last bits
 # between batch sizes; the scan always runs chunks of this many images (the last one zero-padded)
 # so that rankings, and ties, are identical for any --batch-size or --workers.
@@ -151,9 +150,7 @@ def project_hits(model: LoadedModel, chain: Chain, layer: Layer, found: dict[int
             forward = recorder.forward(batch.images.to(model.device))
             seeds = [(i, channel, *hit.position) for i, path in enumerate(batch.paths)
                      for channel, _, hit in wanted[path]]
-            seeds = torch.tensor(seeds, dtype=torch.long)
-            pixels = torch.cat([project(chain, layer, forward, chunk).cpu()
-                                for chunk in seeds.split(PROJECTION_CHUNK)])
+            pixels = project(chain, layer, forward, torch.tensor(seeds, dtype=torch.long)).cpu()
             start = 0
             for i, path in enumerate(batch.paths):
                 entries = wanted[path]
