@@ -32,7 +32,7 @@ def figure(model: LoadedModel, image: torch.Tensor, projection: torch.Tensor, ma
     (e) most probable class, then (b), (d), (e) overlaid on the input."""
     picture = render.input_to_image(image, model.mean, model.std)
     scale = render.PANEL / max(picture.size)
-    square = render.fit(picture).copy()
+    square = render.fit(picture)
     corner = np.unravel_index(int(maps.prob_true.argmin()), maps.prob_true.shape)
     y, x = int(maps.positions_y[corner[0]]), int(maps.positions_x[corner[1]])
     square = render.draw_box(square, (y, x, y + maps.size, x + maps.size), scale)

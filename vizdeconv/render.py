@@ -107,11 +107,11 @@ def tile_side(field_size: int) -> int:
     return field_size * -(-64 // field_size)
 
 
-def grid(tiles: Sequence[Image.Image], columns: int, gap: int = 2, background: str = "white") -> Image.Image:
+def grid(tiles: Sequence[Image.Image], columns: int, gap: int = 2) -> Image.Image:
     """Equal-sized tiles in rows of ``columns``."""
     side = tiles[0].width if tiles else 1
     rows = -(-max(len(tiles), 1) // columns)
-    sheet = Image.new("RGB", (columns * (side + gap) - gap, rows * (side + gap) - gap), background)
+    sheet = Image.new("RGB", (columns * (side + gap) - gap, rows * (side + gap) - gap), "white")
     for i, tile in enumerate(tiles):
         sheet.paste(tile, ((i % columns) * (side + gap), (i // columns) * (side + gap)))
     return sheet
