@@ -1,0 +1,215 @@
+"""One table of the operations vizdeconv knows: what the deconvnet does with each on the way down,
+how it moves receptive fields, how occlusion treats it, and what it costs.
+
+The deconvnet on any graph is backprop with each rectifier's backward replaced (Springenberg et al.
+2014): max-pool's backward is unpooling through the switches, a sum's is a copy to each branch,
+concatenation's a split, eval BatchNorm's its scale. ``rules`` applies the rectifier rules to a
+forward pass; ``graph`` reads the geometry; ``layers``, the error messages and the chain walk read
+the names and rule texts. Supporting a new operation is one entry in ``OPS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from math import prod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RULES = ("deconvnet", "guided", "gradient")
+RULE_TEXT = {
+    "deconvnet": "relu(R): the signal itself is rectified (Zeiler & Fergus)",
+    "guided": "1[f>0]·relu(R): forward mask and rectified signal (Springenberg et al.)",
+    "gradient": "1[f>0]·R: plain backprop",
+}
+
+Geometry = tuple[int, int, int, int]  # kernel, stride, padding before, dilation (one axis)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation.
+
+    Attributes:
+        name: shown in ``layers`` and in messages.
+        kind: ``rectifier``, ``max-pool``, ``local`` (linear and spatial: conv, average pool, pad),
+            ``pointwise`` (spatially), ``skipped`` (identity on the way down), ``global`` (mixes the
+            whole map), ``shape`` (moves values without mixing positions).
+        down: what the deconvnet does with it on the way down.
+        occlusion: ``pointwise``, ``local`` or ``global``: how far a change in the input spreads.
+        functions: the torch callables that perform it (as a ``TorchFunctionMode`` sees them).
+        modules: module types (exact) whose forward is this op alone, for the chain walk.
+        geometry: for local ops, ``(call args, kwargs, input shape, axis) -> Geometry``.
+    """
+
+    name: str
+    kind: str
+    down: str
+    occlusion: str
+    functions: tuple = ()
+    modules: tuple = ()
+    geometry: Callable[..., Geometry] | None = None
+
+
+def _pair(value, axis: int) -> int:
+    return value[axis] if isinstance(value, (tuple, list)) else value
+
+
+def window_geometry(kernel, stride, padding, dilation, axis: int) -> Geometry:
+    """Normalise one axis of a conv's or pool's arguments (``'same'`` and ``'valid'`` padding too)."""
+    kernel, dilation = _pair(kernel, axis), _pair(dilation, axis)
+    stride = _pair(stride, axis) if stride not in (None, (), []) else kernel
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        padding = dilation * (kernel - 1) // 2
+    return kernel, stride, _pair(padding, axis), dilation
+
+
+def _argument(args, kwargs, index: int, name: str, default):
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _conv_geometry(args, kwargs, shape, axis):
+    weight = _argument(args, kwargs, 1, "weight", None)
+    return window_geometry(tuple(weight.shape[2:]), _argument(args, kwargs, 3, "stride", 1),
+                           _argument(args, kwargs, 4, "padding", 0), _argument(args, kwargs, 5, "dilation", 1), axis)
+
+
+def _max_pool_geometry(args, kwargs, shape, axis):
+    return window_geometry(_argument(args, kwargs, 1, "kernel_size", None), _argument(args, kwargs, 2, "stride", None),
+                           _argument(args, kwargs, 3, "padding", 0), _argument(args, kwargs, 4, "dilation", 1), axis)
+
+
+def _avg_pool_geometry(args, kwargs, shape, axis):
+    return window_geometry(_argument(args, kwargs, 1, "kernel_size", None), _argument(args, kwargs, 2, "stride", None),
+                           _argument(args, kwargs, 3, "padding", 0), 1, axis)
+
+
+def _pad_geometry(args, kwargs, shape, axis):
+    pads = _argument(args, kwargs, 1, "pad", ())
+    # F.pad lists (left, right, top, bottom, …) from the last dimension backwards.
+    before = pads[2 * (1 - axis)] if len(pads) > 2 * (1 - axis) else 0
+    return 1, 1, before, 1
+
+
+def _functions(*names: str, namespaces=(torch, F, torch.Tensor)) -> tuple:
+    found = []
+    for name in names:
+        for space in namespaces:
+            if callable(getattr(space, name, None)) and not isinstance(getattr(space, name), torch.dtype):
+                found.append(getattr(space, name))
+    return tuple(dict.fromkeys(found))
+
+
+ELEMENTWISE_ARITHMETIC = ("add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__isub__",
+                          "__rsub__")
+PRODUCTS = ("mul", "mul_", "__mul__", "__imul__", "__rmul__", "div", "div_", "__truediv__", "__itruediv__")
+REDUCTIONS = ("mean", "sum")
+NONLINEAR = ("gelu", "silu", "silu_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "sigmoid", "sigmoid_",
+             "tanh", "tanh_", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu", "softplus", "mish", "prelu")
+SHAPE = ("view", "reshape", "flatten", "permute", "transpose", "contiguous", "clone", "chunk", "split", "__getitem__",
+         "unsqueeze", "squeeze", "expand", "expand_as", "narrow", "select", "to", "float", "detach", "type_as")
+
+OPS: tuple[Op, ...] = (
+    Op("relu", "rectifier", "rectifier rule (--rule)", "pointwise",
+       _functions("relu", "relu_") + (torch.Tensor.relu, torch.Tensor.relu_), (nn.ReLU,)),
+    Op("relu6", "rectifier", "rectifier rule (--rule); clipped at 6 going up", "pointwise",
+       (F.relu6, F.hardtanh, F.hardtanh_, torch._C._nn.relu6, torch._C._nn.hardtanh, torch._C._nn.hardtanh_),
+       (nn.ReLU6,)),
+    Op("conv2d", "local", "transposed conv with the same weights, no bias", "local", (torch.conv2d,), (nn.Conv2d,),
+       _conv_geometry),
+    Op("max_pool2d", "max-pool", "unpooled through the switches (overlapping windows add up)", "local",
+       (F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d), (nn.MaxPool2d,), _max_pool_geometry),
+    Op("avg_pool2d", "local", "its transpose (spread evenly over the window)", "local",
+       (F.avg_pool2d,), (nn.AvgPool2d,), _avg_pool_geometry),
+    Op("pad", "local", "cropped (the transpose of padding)", "local", (F.pad, torch._C._nn.pad), (nn.ZeroPad2d,),
+       _pad_geometry),
+    Op("batch_norm", "pointwise", "scaled by γ/√(σ²+ε) (eval statistics)", "pointwise", (F.batch_norm,),
+       (nn.BatchNorm2d,)),
+    Op("local_response_norm", "skipped", "skipped, as in the paper (plain gradient with --rule gradient)",
+       "pointwise", (F.local_response_norm,), (nn.LocalResponseNorm,)),
+    Op("dropout", "skipped", "identity (eval)", "pointwise", (F.dropout, F.dropout2d, F.alpha_dropout,
+                                                              F.feature_alpha_dropout), (nn.Dropout, nn.Identity)),
+    Op("add", "pointwise", "copied to each branch (residual sums)", "pointwise", _functions(*ELEMENTWISE_ARITHMETIC)),
+    Op("product", "pointwise", "local gradient: each factor's signal scaled by the other factor", "pointwise",
+       _functions(*PRODUCTS)),
+    Op("nonlinearity", "pointwise", "its ordinary local gradient (not rectified)", "pointwise",
+       _functions(*NONLINEAR, namespaces=(torch, F, torch.Tensor, torch._C._nn)) + (F.layer_norm,),
+       (nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh)),
+    Op("cat", "pointwise", "split between the inputs", "pointwise", (torch.cat, torch.concat)),
+    Op("reshape", "shape", "reshaped back", "pointwise", _functions(*SHAPE)),
+    Op("adaptive_avg_pool2d", "global", "its transpose (spread over the map)", "global",
+       (F.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d), (nn.AdaptiveAvgPool2d,)),
+    Op("adaptive_max_pool2d", "global", "unpooled through the switches", "global",
+       (F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices), (nn.AdaptiveMaxPool2d,)),
+    Op("reduce", "global", "spread evenly over the reduced positions", "global", _functions(*REDUCTIONS)),
+    Op("linear", "global", "transposed weights", "global", (F.linear, torch.matmul, torch.Tensor.__matmul__),
+       (nn.Linear,)),
+    Op("softmax", "global", "its local gradient", "global", _functions("softmax", "log_softmax")),
+)
+
+BY_FUNCTION: dict = {function: op for op in OPS for function in op.functions}
+BY_MODULE: dict = {module: op for op in OPS for module in op.modules}
+RECTIFIER_FUNCTIONS = frozenset(f for op in OPS if op.kind == "rectifier" for f in op.functions)
+# Calls that are not operations on values: shape queries, creation of constants.
+IGNORED_NAMES = frozenset({"size", "dim", "numel", "shape", "dtype", "device", "__get__", "__len__", "is_floating_point",
+                           "zeros", "ones", "randn", "rand", "empty", "full", "arange", "tensor", "zeros_like",
+                           "ones_like", "__format__", "__repr__", "__bool__", "item", "tolist", "stride", "__setitem__",
+                           "requires_grad_", "data_ptr", "new_zeros", "new_ones", "new_empty", "new_full",
+                           "is_contiguous", "__hash__", "__eq__", "_version", "names", "ndim", "grad_fn",
+                           "requires_grad", "is_cuda", "layout", "__iter__"})
+
+
+def for_call(function) -> Op | None:
+    """The op a torch callable performs, or None if vizdeconv has no rule for it."""
+    return BY_FUNCTION.get(function)
+
+
+def for_module(module: nn.Module) -> Op | None:
+    """The op a module performs by itself (exact type: a subclass may do more), or None."""
+    return BY_MODULE.get(type(module))
+
+
+def is_rectifier_call(function, args, kwargs) -> bool:
+    """ReLU in every form, and ReLU6 (``relu6`` or ``hardtanh(0, 6)``)."""
+    if function not in RECTIFIER_FUNCTIONS:
+        return False
+    if BY_FUNCTION[function].name == "relu6" and function is not F.relu6 and function is not torch._C._nn.relu6:
+        low, high = _argument(args, kwargs, 1, "min_val", -1.0), _argument(args, kwargs, 2, "max_val", 1.0)
+        return (low, high) == (0, 6) or (low, high) == (0.0, 6.0)
+    return True
+
+
+def upper_limit(function) -> float | None:
+    """6 for ReLU6's forms, None for ReLU's."""
+    return 6.0 if BY_FUNCTION[function].name == "relu6" else None
+
+
+def is_inplace(function, args, kwargs) -> bool:
+    """Whether a rectifier call overwrites its input (``relu_``, ``inplace=True``)."""
+    name = getattr(function, "__name__", "")
+    position = 3 if name == "hardtanh" else 1
+    return name.endswith("_") or bool(_argument(args, kwargs, position, "inplace", False))
+
+
+def module_geometry(module: nn.Module, axis: int) -> Geometry:
+    """Kernel, stride, padding and dilation of a conv or pooling module along one axis."""
+    return window_geometry(module.kernel_size, module.stride, module.padding, getattr(module, "dilation", 1), axis)
+
+
+def multiply_adds(module: nn.Module, output_shape: tuple[int, ...]) -> int:
+    """Multiply-adds of one call of a conv or linear module for one image (0 for anything else)."""
+    if isinstance(module, nn.Conv2d):
+        per_output = module.out_channels * module.in_channels // module.groups * prod(module.kernel_size)
+        return output_shape[1] * output_shape[2] * per_output
+    if isinstance(module, nn.Linear):
+        return module.in_features * module.out_features
+    return 0
+
+
+def table() -> list[dict]:
+    """Every op and its rule, for the README and ``layers --ops``."""
+    return [{"op": op.name, "kind": op.kind, "deconvnet": op.down, "occlusion": op.occlusion} for op in OPS]
