@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_deconv import oracle
+from oracles import graph_oracle, oracle
 
 from vizdeconv.cli import main
-from vizdeconv.layers import trace_chain
-from vizdeconv.switches import SwitchRecorder
+from vizdeconv.deconv import Deconvnet
+from vizdeconv.layers import trace_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION = ROOT / "sample_images" / "fashion-mnist"
@@ -28,10 +28,24 @@ def test_layers_json_and_table():
     result = run("layers", "--json")
     assert result.exit_code == 0
     data = json.loads(result.stdout)
-    assert [row["layer"] for row in data["layers"]] == [1, 2, 3, 4, 5]
-    assert data["layers"][4]["output_shape"] == [64, 7, 7] and data["input_size"] == [1, 28, 28]
+    # every (C, H, W) module output is a row; the numbered ones are the rectified convs
+    assert [row["module"] for row in data["layers"]] == [f"features.{i}" for i in range(13)] + ["features"]
+    numbered = [row for row in data["layers"] if row["layer"] is not None]
+    assert [row["layer"] for row in numbered] == [1, 2, 3, 4, 5]
+    assert numbered[4]["output_shape"] == [64, 7, 7] and data["input_size"] == [1, 28, 28]
+    assert numbered[4]["module"] == "features.11" and numbered[4]["path"] == "walk"
+    assert data["chain_end"] == "the model's output"
+    assert [op["op"] for op in data["ops"]] == ["relu", "conv2d", "max_pool2d"]
     table = run("layers")
-    assert table.exit_code == 0 and "features.13" not in table.stdout and "features.11" in table.stdout
+    assert table.exit_code == 0 and "features.13" not in table.stdout and "classifier" not in table.stdout
+    assert "walk" in table.stdout and "autograd" in table.stdout  # (cells wrap at 80 columns)
+    assert "max_pool2d: unpooled through the switches" in table.stdout
+
+
+def test_layers_table_shows_module_names_and_rule_texts_in_80_columns():
+    table = run("layers")
+    assert "features.11" in table.stdout
+    assert "guided = 1[f>0]·relu(R)" in table.stdout and "gradient = 1[f>0]·R" in table.stdout
 
 
 def test_predict_classifies_the_shipped_samples():
@@ -60,24 +74,44 @@ def test_deconv_writes_figures_and_npz_matching_the_oracle(tmp_path, embedded):
     folder = out / "test00000_ankle-boot"
     saved = sorted(folder.glob("layer5_ch*.npz"))
     assert (folder / "layer5.png").exists() and len(saved) == 2
-    chain = trace_chain(embedded)
-    layer = chain.layer(5)
+    layers = trace_layers(embedded)
+    layer = layers.layer(5)
     image = torch.from_numpy(np.load(saved[0])["input"])
-    with SwitchRecorder(chain, layer) as recorder:
-        activations = recorder.forward(image[None]).activations[0]
+    activations = Deconvnet(embedded, layers, layer).activations(image[None])[0]
     for path in saved:
         data = np.load(path)
-        assert set(data.files) == {"projection", "input", "layer", "module", "channel", "position", "value", "box"}
+        assert set(data.files) == {"projection", "input", "layer", "module", "channel", "position", "value", "box",
+                                   "rule"}
         channel, (y, x) = int(data["channel"]), data["position"].tolist()
         assert path.name == f"layer5_ch{channel:03d}.npz" and int(data["layer"]) == 5
+        assert str(data["module"]) == "features.11" and str(data["rule"]) == "deconvnet"
         # (recomputed here at batch size 1: conv kernels may differ in the last bits across batch sizes)
         assert float(data["value"]) == pytest.approx(activations[channel].max().item(), rel=1e-5)
         assert float(data["value"]) == pytest.approx(activations[channel, y, x].item(), rel=1e-5)
         assert tuple(data["box"]) == layer.field.box(y, x, 28, 28)
-        expected = oracle(chain, layer, image, (0, channel, y, x))
+        expected = oracle(layers.chain, layer, image, (0, channel, y, x))
         np.testing.assert_allclose(data["projection"], expected.numpy(), rtol=1e-4,
                                    atol=1e-4 * expected.abs().max().item())
     assert not list(out.rglob("*.tmp"))
+
+
+def test_deconv_with_a_rule_at_a_module_off_the_chain(tmp_path, embedded):
+    """``features`` (the Sequential's output) is no step of the chain: autograd with the guided rule."""
+    out = tmp_path / "out"
+    result = run("deconv", FASHION / "test00008_sandal.png", "--layer", "features", "--rule", "guided", "--top", "2",
+                 "--out", out)
+    assert result.exit_code == 0, result.output
+    folder = out / "test00008_sandal"
+    saved = sorted(folder.glob("features_ch*.npz"))
+    assert (folder / "features.png").exists() and len(saved) == 2
+    layer = trace_layers(embedded).layer("features")
+    for path in saved:
+        data = np.load(path)
+        assert str(data["rule"]) == "guided" and str(data["module"]) == "features" and int(data["layer"]) == 0
+        image = torch.from_numpy(data["input"])
+        expected = graph_oracle(embedded, layer, image, (0, int(data["channel"]), *data["position"].tolist()), "guided")
+        np.testing.assert_allclose(data["projection"], expected.numpy(), rtol=1e-4,
+                                   atol=1e-4 * expected.abs().max().item())
 
 
 def test_deconv_channel_and_position(tmp_path):
@@ -93,6 +127,10 @@ def test_usage_errors_are_one_line_with_exit_code_2(tmp_path):
     result = run("deconv", FASHION, "--layer", "9")
     assert result.exit_code == 2 and "no layer '9'; conv layers: 1 = features.1" in result.stderr
     assert "Traceback" not in result.output
+    result = run("deconv", FASHION, "--layer", "features.99")
+    assert result.exit_code == 2 and "no layer 'features.99'; nearest: features.9" in result.stderr
+    result = run("deconv", FASHION, "--layer", "1", "--rule", "backprop")
+    assert result.exit_code == 2 and "'backprop' is not one of 'deconvnet', 'guided', 'gradient'" in result.stderr
     torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pt")
     result = run("predict", FASHION, "--weights", tmp_path / "model.pt")
     assert result.exit_code == 2 and "refused, it pickles torch.nn.modules.linear.Linear, which could run arbitrary code" in result.stderr

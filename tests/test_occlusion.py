@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,14 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import Residual, point_output, wrap
 from PIL import Image
 from torch import nn
 
 from vizdeconv.cli import main
 from vizdeconv.errors import VizDeconvError
-from vizdeconv.layers import trace_chain
+from vizdeconv.incremental import unsupported
+from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel
 from vizdeconv.occlusion import (
     corners,
@@ -55,8 +58,9 @@ def test_fill_and_target(embedded):
         resolve_target("hat", embedded, probabilities)
 
 
-def brute_force(model, chain, layer, image, size, stride, fill, target, channel):
-    """One occluded forward pass per position, square pasted by explicit loops."""
+def brute_force(model, layers, layer, image, size, stride, fill, target, channel):
+    """One occluded forward pass per position, square pasted by explicit loops; the feature map down
+    the chain where it reaches the layer, else from the whole model with a hook of its own."""
     _, height, width = image.shape
     prob, top, total = [], [], []
     for y in range(0, height - size + 1, stride):
@@ -68,8 +72,11 @@ def brute_force(model, chain, layer, image, size, stride, fill, target, channel)
             with torch.no_grad():
                 probabilities = model.module(occluded[None]).softmax(1)[0]
                 h = occluded[None]
-                for step in chain.steps[: layer.step.index + 1]:
-                    h = step.module(h)
+                if layer.chain_index is None:
+                    h = point_output(model, layer, h)
+                else:
+                    for step in layers.chain.steps[: layer.chain_index + 1]:
+                        h = step.module(h)
             prob.append(probabilities[target].item())
             top.append(probabilities.argmax().item())
             total.append(h[0, channel].sum().item())
@@ -80,14 +87,19 @@ def brute_force(model, chain, layer, image, size, stride, fill, target, channel)
 def assert_matches_brute_force(model, image, size, stride, fill="mean", target="auto", layer_number=None,
                                method="incremental"):
     """Both the default (incremental) path and the forced brute-force path equal the loop."""
-    chain = trace_chain(model)
-    layer = chain.layer(layer_number or len(chain.layers()))
+    layers = trace_layers(model)
+    layer = layers.layer(layer_number or len(layers.numbered()))
     fill = fill_values(fill, model)
+    expected = {}
     for brute in (False, True):
-        maps = occlude(model, chain, layer, image, size=size, stride=stride, fill=fill, target=target, batch_size=7,
+        maps = occlude(model, layers, layer, image, size=size, stride=stride, fill=fill, target=target, batch_size=7,
                        brute_force=brute)
         assert maps.method == ("brute force" if brute else method)
-        prob, top, total = brute_force(model, chain, layer, image, size, stride, fill, maps.target, maps.channel)
+        assert maps.layer == (layer.number or 0) and maps.module == layer.name
+        question = (maps.target, maps.channel)  # the loop runs once per question (both methods ask the same)
+        if question not in expected:
+            expected[question] = brute_force(model, layers, layer, image, size, stride, fill, *question)
+        prob, top, total = expected[question]
         np.testing.assert_allclose(maps.prob_true, prob, atol=1e-5)
         assert (maps.top_class == top).all()
         np.testing.assert_allclose(maps.feature_total, total, rtol=1e-5, atol=1e-5 * np.abs(total).max())
@@ -174,7 +186,29 @@ def test_model_the_chain_cannot_cover_falls_back_to_brute_force():
 
     torch.manual_seed(0)
     model = LoadedModel("m", "random", Doubled().eval(), None, (1, 10, 10), (0.0,), (1.0,), tuple("abcd"))
+    layers = trace_layers(model)
+    assert unsupported(layers, layers.layer(1)).startswith("the plain chain of modules ends at 'fc'")
     assert_matches_brute_force(model, torch.randn(1, 10, 10), 3, 2, method="brute force")
+
+
+@pytest.mark.parametrize("name", ["relu@2", "pool", "stem_relu"])
+def test_a_layer_of_a_residual_graph_falls_back_to_brute_force(name):
+    torch.manual_seed(0)
+    model = wrap(Residual(), (2, 12, 12), categories="abcd")
+    layers = trace_layers(model)
+    layer = layers.layer(name)
+    assert unsupported(layers, layer).startswith("the plain chain of modules ends at ")
+    image = torch.randn(2, 12, 12)
+    fill = fill_values("0.5", model)
+    maps = occlude(model, layers, layer, image, size=4, stride=3, fill=fill, batch_size=5)
+    assert maps.method == "brute force" and maps.module == name and maps.layer == (layer.number or 0)
+    prob, top, total = brute_force(model, layers, layer, image, 4, 3, fill, maps.target, maps.channel)
+    np.testing.assert_allclose(maps.prob_true, prob, atol=1e-5)
+    assert (maps.top_class == top).all()
+    np.testing.assert_allclose(maps.feature_total, total, rtol=1e-5, atol=1e-5 * np.abs(total).max())
+    clean = point_output(model, layer, image[None])[0]
+    assert maps.channel == int(clean.flatten(1).max(1).values.argmax())
+    assert maps.feature_clean == pytest.approx(clean[maps.channel].sum().item(), rel=1e-5)
 
 
 @settings(max_examples=25, deadline=None)
@@ -186,21 +220,22 @@ def test_incremental_equals_brute_force_on_random_stacks(data):
     torch.manual_seed(draw(st.integers(0, 1000)))
     channels = draw(st.integers(1, 3))
     height, width = draw(st.integers(9, 23)), draw(st.integers(9, 23))
-    layers, c = [], channels
-    for _ in range(draw(st.integers(1, 3))):
+    stack, c = OrderedDict(), channels  # named modules: any of them can be picked by name
+    for i in range(draw(st.integers(1, 3))):
         kernel = draw(st.integers(1, 4))
         dilation = draw(st.integers(1, 2))
         out = draw(st.integers(1, 4))
-        layers.append(nn.Conv2d(c, out, kernel, stride=draw(st.integers(1, 2)), padding=draw(st.integers(0, 2)),
-                                dilation=dilation))
+        stack[f"conv{i}"] = nn.Conv2d(c, out, kernel, stride=draw(st.integers(1, 2)), padding=draw(st.integers(0, 2)),
+                                      dilation=dilation)
         if draw(st.booleans()):  # without a ReLU, a max-pool's padding must act as −inf
-            layers.append(nn.ReLU(inplace=draw(st.booleans())))
+            stack[f"relu{i}"] = nn.ReLU(inplace=draw(st.booleans()))
         c = out
         if draw(st.booleans()):
             pool = draw(st.integers(2, 3))
-            layers.append(nn.MaxPool2d(pool, stride=draw(st.integers(1, pool)), padding=draw(st.integers(0, pool // 2)),
-                                       ceil_mode=draw(st.booleans())))
-    module = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(c * 4, 3)).eval()
+            stack[f"pool{i}"] = nn.MaxPool2d(pool, stride=draw(st.integers(1, pool)),
+                                             padding=draw(st.integers(0, pool // 2)), ceil_mode=draw(st.booleans()))
+    stack.update(gap=nn.AdaptiveAvgPool2d(2), flat=nn.Flatten(), fc=nn.Linear(c * 4, 3))
+    module = nn.Sequential(stack).eval()
     try:
         with torch.no_grad():
             module(torch.zeros(1, channels, height, width))
@@ -211,23 +246,26 @@ def test_incremental_equals_brute_force_on_random_stacks(data):
     size = draw(st.integers(1, min(height, width)))
     stride = draw(st.integers(1, 2 * size))
     image = torch.randn(channels, height, width)
-    chain = trace_chain(model)
-    layer = chain.layer(draw(st.integers(1, len(chain.layers()))))
+    layers = trace_layers(model)
+    # any module output of the stack: a conv with or without its ReLU (numbered or not), a pool
+    names = [name for name in stack if name not in ("gap", "flat", "fc")]
+    layer = layers.layer(draw(st.sampled_from(names)))
     fill = torch.full((channels,), draw(st.floats(-1, 1)))
-    maps = occlude(model, chain, layer, image, size=size, stride=stride, fill=fill, batch_size=draw(st.integers(1, 9)))
+    maps = occlude(model, layers, layer, image, size=size, stride=stride, fill=fill,
+                   batch_size=draw(st.integers(1, 9)))
     assert maps.method == "incremental"
-    prob, top, total = brute_force(model, chain, layer, image, size, stride, fill, maps.target, maps.channel)
+    prob, top, total = brute_force(model, layers, layer, image, size, stride, fill, maps.target, maps.channel)
     np.testing.assert_allclose(maps.prob_true, prob, atol=1e-5)
     np.testing.assert_allclose(maps.feature_total, total, rtol=1e-5, atol=1e-5 * max(np.abs(total).max(), 1e-6))
 
 
 def test_approximate_mode_is_exact_where_it_looks_and_labelled(embedded):
-    chain = trace_chain(embedded)
-    layer = chain.layer(5)
+    layers = trace_layers(embedded)
+    layer = layers.layer(5)
     image = embedded.preprocess(Image.open(FASHION / "test00000_ankle-boot.png"))
     arguments = dict(size=6, stride=1, fill=torch.zeros(1), batch_size=16)
-    exact = occlude(embedded, chain, layer, image, **arguments)
-    approximate = occlude(embedded, chain, layer, image, approximate=True, **arguments)
+    exact = occlude(embedded, layers, layer, image, **arguments)
+    approximate = occlude(embedded, layers, layer, image, approximate=True, **arguments)
     assert approximate.method.startswith("approximate") and exact.method == "incremental"
     f, rows, cols = 4, *exact.prob_true.shape
     corners_ = [(bi, bj) for bi in range(0, rows, f) for bj in range(0, cols, f)]
@@ -254,3 +292,15 @@ def test_occlude_command_methods(tmp_path):
     # Exact maps do not answer an approximate request, nor the other way round.
     result = runner.invoke(main, ["occlude", image, "--out", str(tmp_path / "exact"), "--approximate"])
     assert result.exit_code == 0 and "already done" not in result.stderr
+
+
+def test_occlude_command_at_a_module_off_the_chain_with_a_rule(tmp_path):
+    image = str(FASHION / "test00001_pullover.png")
+    out = tmp_path / "graph"
+    result = CliRunner().invoke(main, ["occlude", image, "--layer", "features", "--rule", "guided", "--stride", "3",
+                                       "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "features is not a module of the plain chain" in result.stderr and "using brute force" in result.stderr
+    maps = np.load(out / "test00001_pullover" / "maps.npz")
+    assert str(maps["method"]) == "brute force" and str(maps["module"]) == "features" and int(maps["layer"]) == 0
+    assert (out / "test00001_pullover" / "occlusion.png").exists()

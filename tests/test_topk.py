@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from oracles import graph_oracle, oracle, point_output
 from PIL import Image
-from test_deconv import oracle
 
 from vizdeconv.cli import main
+from vizdeconv.deconv import Deconvnet
 from vizdeconv.errors import ImageError, LayerError
 from vizdeconv.images import find_images, load_image
-from vizdeconv.layers import trace_chain
+from vizdeconv.layers import trace_layers
 from vizdeconv.topk import TopK, hits, parse_channels, project_hits, scan
 
 FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
@@ -32,14 +33,18 @@ def folder(tmp_path):
     return tmp_path
 
 
-def brute_force(model, chain, layer, paths, k):
-    """Every activation materialised, one image at a time; per channel the k largest per-image maxima."""
+def brute_force(model, layers, layer, paths, k):
+    """Every activation materialised, one image at a time; per channel the k largest per-image maxima.
+    (Down the chain where it reaches the layer, else the whole model with a hook of its own.)"""
     candidates = {}
     for path in paths:
         x = model.preprocess(load_image(path, channels=1, background=model.mean))[None]
-        with torch.no_grad():
-            for step in chain.steps[: layer.step.index + 1]:
-                x = step.module(x)
+        if layer.chain_index is None:
+            x = point_output(model, layer, x)
+        else:
+            with torch.no_grad():
+                for step in layers.chain.steps[: layer.chain_index + 1]:
+                    x = step.module(x)
         for channel, plane in enumerate(x[0]):
             value = plane.max().item()
             flat = [i for i, v in enumerate(plane.flatten().tolist()) if v == value][0]
@@ -47,25 +52,32 @@ def brute_force(model, chain, layer, paths, k):
     return {c: [(str(p), -v, pos) for v, p, pos in sorted(found)[:k] if -v > 0] for c, found in candidates.items()}
 
 
-def run_scan(model, chain, layer, paths, k=9, batch_size=4, workers=0, channels=None):
-    channels = list(range(layer.step.output_shape[0])) if channels is None else channels
+def run_scan(deconvnet, paths, k=9, batch_size=4, workers=0, channels=None):
+    model, layer = deconvnet.model, deconvnet.layer
+    channels = list(range(layer.output_shape[0])) if channels is None else channels
     top = TopK(channels, k, model.device)
-    events = list(scan(model, chain, layer, paths, top, batch_size=batch_size, workers=workers))
+    events = list(scan(deconvnet, paths, top, batch_size=batch_size, workers=workers))
     return hits(top, layer, paths, model.input_size), events
+
+
+def deconvnet_for(model, spec):
+    layers = trace_layers(model)
+    return Deconvnet(model, layers, layers.layer(spec))
 
 
 def as_tuples(found):
     return {c: [(str(h.image), h.value, h.position) for h in hs] for c, hs in found.items()}
 
 
-@pytest.mark.parametrize("number", [2, 5])
-def test_scan_equals_brute_force(embedded, folder, number):
-    chain = trace_chain(embedded)
-    layer = chain.layer(number)
+@pytest.mark.parametrize("spec", [2, 5, "features"])  # `features` (the Sequential's output): no chain step
+def test_scan_equals_brute_force(embedded, folder, spec):
+    deconvnet = deconvnet_for(embedded, spec)
+    layer = deconvnet.layer
+    assert (layer.chain_index is None) == (spec == "features")
     paths, _ = find_images([folder])
-    found, events = run_scan(embedded, chain, layer, paths)
+    found, events = run_scan(deconvnet, paths)
     assert sum(events) == len(paths) == 41
-    expected = brute_force(embedded, chain, layer, paths, 9)
+    expected = brute_force(embedded, deconvnet.layers, layer, paths, 9)
     got = as_tuples(found)
     assert got.keys() == expected.keys()
     for channel in expected:
@@ -80,49 +92,51 @@ def test_scan_equals_brute_force(embedded, folder, number):
 
 
 def test_scan_is_the_same_for_any_batch_size_workers_and_order(embedded, folder):
-    chain = trace_chain(embedded)
-    layer = chain.layer(3)
+    deconvnet = deconvnet_for(embedded, 3)
     paths, _ = find_images([folder])
-    reference, _ = run_scan(embedded, chain, layer, paths, batch_size=1)
+    reference, _ = run_scan(deconvnet, paths, batch_size=1)
     shuffled, _ = find_images(list(reversed(sorted(folder.iterdir()))))
     assert shuffled == paths
     for batch_size, workers in [(5, 0), (41, 0), (7, 2)]:
-        found, _ = run_scan(embedded, chain, layer, paths, batch_size=batch_size, workers=workers)
+        found, _ = run_scan(deconvnet, paths, batch_size=batch_size, workers=workers)
         assert {c: [(h.image, h.position) for h in hs] for c, hs in found.items()} == \
             {c: [(h.image, h.position) for h in hs] for c, hs in reference.items()}
 
 
 def test_memory_is_bounded_by_channels_times_k(embedded, folder):
-    chain = trace_chain(embedded)
-    layer = chain.layer(1)
+    deconvnet = deconvnet_for(embedded, 1)
     paths, _ = find_images([folder])
     top = TopK([0, 5], 3, embedded.device)
-    for _ in scan(embedded, chain, layer, paths, top, batch_size=8):
+    for _ in scan(deconvnet, paths, top, batch_size=8):
         assert top.values.shape[0] == 2 and top.values.shape[1] <= 3
 
 
 def test_broken_files_are_reported_and_skipped(embedded, folder):
     (folder / "a" / "broken.png").write_bytes(b"nope")
-    chain = trace_chain(embedded)
-    layer = chain.layer(1)
+    deconvnet = deconvnet_for(embedded, 1)
     paths, _ = find_images([folder])
-    found, events = run_scan(embedded, chain, layer, paths, channels=[0])
+    found, events = run_scan(deconvnet, paths, channels=[0])
     errors = [e for e in events if isinstance(e, ImageError)]
     assert len(errors) == 1 and errors[0].path.name == "broken.png"
     assert all(h.image.name != "broken.png" for h in found[0])
 
 
-def test_projections_of_hits_match_the_oracle(embedded):
-    chain = trace_chain(embedded)
-    layer = chain.layer(4)
+@pytest.mark.parametrize("spec, rule", [(4, "deconvnet"), ("features", "deconvnet"), (4, "guided")])
+def test_projections_of_hits_match_the_oracle(embedded, spec, rule):
+    layers = trace_layers(embedded)
+    layer = layers.layer(spec)
+    deconvnet = Deconvnet(embedded, layers, layer, rule=rule)
+    assert deconvnet.walks == (spec == 4 and rule == "deconvnet")
     paths, _ = find_images([FASHION])
-    found, _ = run_scan(embedded, chain, layer, paths, k=2, channels=[3, 10])
+    found, _ = run_scan(deconvnet, paths, k=2, channels=[3, 10])
     done = 0
-    for path, image, entries in project_hits(embedded, chain, layer, found, batch_size=3):
+    for path, image, entries in project_hits(deconvnet, found, batch_size=3):
         for channel, slot, pixels in entries:
             hit = found[channel][slot]
             assert hit.image == path
-            expected = oracle(chain, layer, image, (0, channel, *hit.position))
+            seed = (0, channel, *hit.position)
+            expected = oracle(layers.chain, layer, image, seed, rule) if layer.chain_index is not None else \
+                graph_oracle(embedded, layer, image, seed, rule)
             torch.testing.assert_close(pixels, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
             done += 1
     assert done == sum(len(h) for h in found.values()) > 0
@@ -146,6 +160,7 @@ def test_project_command_end_to_end(folder):
     assert result.exit_code == 1 and "broken.jpg: not an image file" in result.stderr
     index = json.loads((out / "layer2" / "index.json").read_text())
     assert index["layer"] == 2 and index["module"] == "features.4" and index["images_scanned"] == 20
+    assert index["rule"] == "deconvnet"
     assert index["failed"][0]["image"].endswith("broken.jpg")
     assert [c["channel"] for c in index["channels"]] == [0, 1, 2, 3]
     for channel in index["channels"]:
@@ -154,8 +169,10 @@ def test_project_command_end_to_end(folder):
         assert values == sorted(values, reverse=True) and len(values) <= 9
         assert len({h["image"] for h in channel["hits"]}) == len(values)
     assert (out / "layer2" / "overview.png").exists()
-    result = runner.invoke(main, ["project", "--layer", "1", "--out", str(out), "--channels", "0"],
-                           catch_exceptions=False)
+    result = runner.invoke(main, ["project", "--layer", "1", "--out", str(out), "--channels", "0", "--rule",
+                                  "guided"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    assert json.loads((out / "layer1" / "index.json").read_text())["rule"] == "guided"
     page = (out / "index.html").read_text()
     assert 'href="layer1/ch000.png"' in page and 'href="layer2/ch003.png"' in page
+    assert "guided rule" in page and "deconvnet rule" in page

@@ -26,12 +26,13 @@ from rich.table import Table
 from rich.text import Text
 
 from vizdeconv import occlusion_report, report
-from vizdeconv.deconv import check_invertible
+from vizdeconv import ops
+from vizdeconv.deconv import Deconvnet
 from vizdeconv.embedded import sample_folder
 from vizdeconv.errors import ImageError, VizDeconvError
 from vizdeconv.images import find_images
 from vizdeconv.incremental import unsupported
-from vizdeconv.layers import describe, trace_chain
+from vizdeconv.layers import trace_layers
 from vizdeconv.models import EMBEDDED, LoadedModel, load_model
 from vizdeconv.occlusion import default_geometry, fill_values, is_same_run
 from vizdeconv.outputs import output_names
@@ -57,6 +58,12 @@ def _ints(text: str | None) -> list[int] | None:
     return None if text is None else [int(v) for v in text.split(",")]
 
 
+def rule_option(command: Callable) -> Callable:
+    return click.option("--rule", type=click.Choice(ops.RULES), default="deconvnet", show_default=True,
+                        help="What rectifiers do on the way down: deconvnet relu(R), guided 1[f>0]·relu(R), "
+                             "gradient (plain backprop).")(command)
+
+
 def model_options(command: Callable) -> Callable:
     """The options every command shares, turned into a loaded ``model`` argument.
 
@@ -64,7 +71,8 @@ def model_options(command: Callable) -> Callable:
     """
 
     @click.option("--model", "model_name", default=EMBEDDED, show_default=True,
-                  help="embedded, a torchvision model (alexnet, vgg16, …) or package.module:factory.")
+                  help="embedded, efficientnet_lite0, a torchvision model (alexnet, resnet50, …), timm:NAME or "
+                       "package.module:factory.")
     @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
                   help="State_dict file (.pt/.pth with weights_only, or .safetensors) instead of the defaults.")
     @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -144,21 +152,32 @@ def main() -> None:
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def layers(model: LoadedModel, batch_size: int, as_json: bool) -> None:
-    """List the conv layers: number, module, type, output shape, receptive field."""
-    chain = trace_chain(model)
-    rows = describe(chain)
+    """List every layer: module output, shape, receptive field, and how the deconvnet passes below it."""
+    found = trace_layers(model)
+    rows = found.describe()
     if as_json:
-        out.print_json(json.dumps({"model": model.name, "input_size": list(model.input_size), "chain_end": chain.end,
-                                   "layers": rows}))
+        out.print_json(json.dumps({"model": model.name, "input_size": list(model.input_size),
+                                   "chain_end": found.chain.end, "layers": rows,
+                                   "ops": [row for row in ops.table()
+                                           if any(row["op"] in r["below"] for r in rows)]}))
         return
     table = Table(title=f"{model.name}: input {'×'.join(map(str, model.input_size))}; layer N = ReLU of conv N")
-    for column in ("layer", "module", "type", "output", "RF size", "RF stride"):
-        table.add_column(column)
+    for column in ("layer", "module", "type", "output", "RF size/stride", "path"):
+        table.add_column(column, no_wrap=True)  # module names are what --layer takes: never cut them
+    table.add_column("ops below", overflow="fold", min_width=12)
     for row in rows:
-        table.add_row(str(row["layer"]), row["module"], row["type"], "×".join(map(str, row["output_shape"])),
-                      "×".join(map(str, row["rf_size"])), "×".join(map(str, row["rf_stride"])))
+        below = ", ".join(row["below"]) + (f"; NO RULE: {row['unknown']}" if row["unknown"] else "")
+        field = "×".join(map(str, row["rf_size"])) + "/" + "×".join(map(str, row["rf_stride"]))
+        table.add_row(str(row["layer"] or ""), escape(row["module"]), row["type"],
+                      "×".join(map(str, row["output_shape"])), field, row["path"], escape(below))
     out.print(table)
-    err.print(f"the plain chain of modules ends at {escape(chain.end)}")
+    seen = {name for row in rows for name in row["below"]}
+    for op in ops.OPS:
+        if op.name in seen:
+            out.print(f"  {op.name}: {escape(op.down)}")
+    out.print("  rectifier rules (--rule): " + escape("; ".join(f"{rule} = {text}" for rule, text in ops.RULE_TEXT.items())))
+    err.print(f"numbered layers follow the plain chain of modules, which ends at {escape(found.chain.end)}; "
+              "RF stride 0 = the unit sees the whole image")
 
 
 @main.command()
@@ -185,19 +204,22 @@ def predict(model: LoadedModel, paths: tuple[str, ...], batch_size: int, top: in
 @main.command()
 @model_options
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--layer", "layer_spec", required=True, help="Layer number (paper numbering) or module name.")
+@click.option("--layer", "layer_spec", required=True,
+              help="Layer number (paper numbering), module name (layer3) or one call of a module (relu@2).")
+@rule_option
 @click.option("--channel", type=click.IntRange(min=0), help="Project this channel only.")
 @click.option("--position", help="Y,X in the layer's map: project the activation there.")
 @click.option("--top", default=1, show_default=True, type=click.IntRange(min=1),
               help="Project the strongest activation of this many strongest channels.")
 @click.option("--out", "out_dir", default="vizdeconv-out/deconv", show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
-def deconv(model: LoadedModel, paths: tuple[str, ...], batch_size: int, layer_spec: str, channel: int | None,
-           position: str | None, top: int, out_dir: Path) -> None:
+def deconv(model: LoadedModel, paths: tuple[str, ...], batch_size: int, layer_spec: str, rule: str,
+           channel: int | None, position: str | None, top: int, out_dir: Path) -> None:
     """Project each image's strongest activations at a layer back to pixels."""
     images, failures = _inputs(paths)
-    chain = trace_chain(model)
-    layer = chain.layer(layer_spec)
+    found = trace_layers(model)
+    layer = found.layer(layer_spec)
+    deconvnet = Deconvnet(model, found, layer, rule=rule)
     try:
         where = tuple(_ints(position)) if position else None
     except ValueError:
@@ -206,8 +228,7 @@ def deconv(model: LoadedModel, paths: tuple[str, ...], batch_size: int, layer_sp
         raise UsageFailure(f"--position expects Y,X, got {position!r}")
     names = output_names(images)
     count = 0
-    results = project_files(model, chain, layer, images, top=top, channel=channel, position=where,
-                            batch_size=batch_size)
+    results = project_files(deconvnet, images, top=top, channel=channel, position=where, batch_size=batch_size)
     for result in _track(results, len(images), f"projecting {layer.label}", failures):
         written = save_image_projections(result, out_dir / names[result.path], model)
         count += 1
@@ -217,7 +238,9 @@ def deconv(model: LoadedModel, paths: tuple[str, ...], batch_size: int, layer_sp
 
 @main.command("project")
 @model_options
-@click.option("--layer", "layer_spec", required=True, help="Layer number (paper numbering) or module name.")
+@click.option("--layer", "layer_spec", required=True,
+              help="Layer number (paper numbering), module name (layer3) or one call of a module (relu@2).")
+@rule_option
 @click.option("--images", "folders", multiple=True, help="Image folder or file (repeatable). Default for the "
               "embedded model: its shipped Fashion-MNIST samples.")
 @click.option("--top", default=9, show_default=True, type=click.IntRange(min=1), help="Activations per channel.")
@@ -226,35 +249,35 @@ def deconv(model: LoadedModel, paths: tuple[str, ...], batch_size: int, layer_sp
               help="Processes decoding images during the scan.")
 @click.option("--out", "out_dir", default="vizdeconv-out", show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
-def project_command(model: LoadedModel, batch_size: int, layer_spec: str, folders: tuple[str, ...], top: int,
-                    channel_spec: str, workers: int, out_dir: Path) -> None:
+def project_command(model: LoadedModel, batch_size: int, layer_spec: str, rule: str, folders: tuple[str, ...],
+                    top: int, channel_spec: str, workers: int, out_dir: Path) -> None:
     """Top-k grids (paper Fig. 2): each channel's strongest activations over a folder, projected."""
     if not folders:
         if model.name != EMBEDDED:
             raise UsageFailure("--images is needed for models other than the embedded one")
         folders = (str(sample_folder()),)
     images, failures = _inputs(folders)
-    chain = trace_chain(model)
-    layer = chain.layer(layer_spec)
-    check_invertible(chain, layer)
-    channels = parse_channels(channel_spec, layer.step.output_shape[0])
+    found = trace_layers(model)
+    layer = found.layer(layer_spec)
+    deconvnet = Deconvnet(model, found, layer, rule=rule)
+    channels = parse_channels(channel_spec, layer.output_shape[0])
     best = TopK(channels, top, model.device)
     scanned = len(images)
     with progress() as bar:
         task = bar.add_task(f"scanning for {layer.label}", total=len(images))
-        for done in scan(model, chain, layer, images, best, batch_size=batch_size, workers=workers):
+        for done in scan(deconvnet, images, best, batch_size=batch_size, workers=workers):
             if isinstance(done, ImageError):
                 failures.append(done)
                 scanned -= 1
                 done = 1
             bar.advance(task, done)
-    found = hits(best, layer, images, model.input_size)
-    wanted = {hit.image for channel_hits in found.values() for hit in channel_hits}
+    top_hits = hits(best, layer, images, model.input_size)
+    wanted = {hit.image for channel_hits in top_hits.values() for hit in channel_hits}
     with progress() as bar:
-        task = bar.add_task(f"projecting {sum(map(len, found.values()))} activations", total=len(wanted))
-        projected = _advancing(project_hits(model, chain, layer, found, batch_size=batch_size), bar, task)
-        tiles = report.make_tiles(model, layer, found, projected)
-    folder = report.write_layer(out_dir, model, layer, top, found, tiles, scanned, failures)
+        task = bar.add_task(f"projecting {sum(map(len, top_hits.values()))} activations", total=len(wanted))
+        projected = _advancing(project_hits(deconvnet, top_hits, batch_size=batch_size), bar, task)
+        tiles = report.make_tiles(model, layer, top_hits, projected)
+    folder = report.write_layer(out_dir, model, layer, rule, top, top_hits, tiles, scanned, failures)
     out.print(f"{escape(layer.label)}: {len(channels)} channels, top {top} over {scanned} images → "
               f"{escape(str(folder))}/ (overview.png, index.json); browse {escape(str(out_dir / 'index.html'))}")
     _finish(scanned, failures, "images scanned")
@@ -268,34 +291,37 @@ def project_command(model: LoadedModel, batch_size: int, layer_spec: str, folder
 @click.option("--fill", default="mean", show_default=True,
               help="mean (zero after normalisation) or a pixel value in 0..1, e.g. 0.5.")
 @click.option("--target", default="auto", show_default=True, help="Class index or name; auto = top-1 unoccluded.")
-@click.option("--layer", "layer_spec", help="Layer of the feature map [default: the last conv layer].")
+@click.option("--layer", "layer_spec", help="Layer of the feature map [default: the last conv layer, or the last "
+              "module output of a graph].")
+@rule_option
 @click.option("--brute-force", is_flag=True, help="One full forward pass per position instead of incremental.")
 @click.option("--approximate", is_flag=True, help="Faster, inexact maps (adaptive drill-down), labelled as such.")
 @click.option("--out", "out_dir", default="vizdeconv-out/occlusion", show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
 def occlude_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int, size: int | None,
-                    stride: int | None, fill: str, target: str, layer_spec: str | None, brute_force: bool,
-                    approximate: bool, out_dir: Path) -> None:
+                    stride: int | None, fill: str, target: str, layer_spec: str | None, rule: str,
+                    brute_force: bool, approximate: bool, out_dir: Path) -> None:
     """Occlusion maps (paper Fig. 7): p(target), top class and a feature map's total per square position."""
     images, failures = _inputs(paths)
-    chain = trace_chain(model)
-    layer = chain.layer(layer_spec or len(chain.layers()))
+    found = trace_layers(model)
+    layer = found.layer(layer_spec) if layer_spec else found.last()
+    deconvnet = Deconvnet(model, found, layer, rule=rule)
     default_size, default_stride = default_geometry(model.input_size)
     size, stride = size or default_size, stride or default_stride
     fill_value = fill_values(fill, model)
-    reason = unsupported(chain)
+    reason = unsupported(found, layer)
     if reason and not brute_force:
         err.print(f"note: exact incremental inference is not possible ({escape(reason)}); using brute force")
     names = output_names(images)
     rows, todo = occlusion_report.split_done(out_dir, names, model, lambda done: is_same_run(
-        done, model.name, layer.step.name, size, stride, fill_value, target, approximate))
+        done, model.name, layer.name, size, stride, fill_value, target, approximate))
     if rows:
         err.print(f"{len(rows)} images already done in {escape(str(out_dir))}, skipped")
     with progress() as bar:
         image_task = bar.add_task("images", total=len(todo))
         square_task = bar.add_task("squares", total=None)
         results = occlusion_report.occlude_files(
-            model, chain, layer, todo, out_dir, names, size=size, stride=stride, fill=fill_value, target=target,
+            deconvnet, todo, out_dir, names, size=size, stride=stride, fill=fill_value, target=target,
             batch_size=batch_size, brute_force=brute_force, approximate=approximate,
             squares=lambda done, total: bar.update(square_task, completed=done, total=total))
         for result in results:

@@ -1,12 +1,17 @@
 """The deconvnet of Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks"
-(ECCV 2014, arXiv 1311.2901), section 2.1.
+(ECCV 2014, arXiv 1311.2901), section 2.1, on any convnet.
 
-Keep one activation, zero the rest of its layer, and go down the chain: max-pool → unpool with
-the recorded switches (values landing on one position add up, so overlapping pools are exact);
-ReLU → ReLU on the signal itself; conv → transposed conv with the same weights, no bias;
-BatchNorm (eval) → its per-channel scale; LRN, dropout → skipped; average pooling → its
-transpose. Springenberg et al. 2014 show this is backprop with each ReLU's backward replaced by
-``relu(grad_out)``; the tests use that as the oracle.
+Keep one activation, zero the rest of its layer, and go down: max-pool → unpool with the recorded
+switches (values landing on one position add up, so overlapping pools are exact); ReLU → ReLU on
+the signal itself; conv → transposed conv with the same weights, no bias; BatchNorm (eval) → its
+per-channel scale; LRN, dropout → skipped; average pooling → its transpose; a sum → a copy to each
+branch; concatenation → a split. ``ops.OPS`` lists every op and its rule.
+
+Two paths give the same projection. Where the model is a plain chain of modules up to the layer
+(AlexNet, VGG, the embedded model), the chain walk (``walk``) carries only each seed's receptive
+field window down, many seeds at once. Anywhere else, autograd runs with every rectifier's
+backward replaced by the rule (``rules.apply_rules``; Springenberg et al. 2014), one forward pass
+per image and one backward pass per seed.
 """
 
 from __future__ import annotations
@@ -15,84 +20,151 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vizdeconv import ops
 from vizdeconv.errors import LayerError
-from vizdeconv.layers import RECTIFIERS, Chain, Layer, Step, local_geometry
-from vizdeconv.switches import Forward
+from vizdeconv.layers import Chain, Layer, Layers, Step
+from vizdeconv.models import LoadedModel
+from vizdeconv.rules import apply_rules, check_rule
+from vizdeconv.switches import Forward, PointRecorder, SwitchRecorder
 
-SKIPPED = (nn.LocalResponseNorm, nn.Dropout, nn.Identity)
 SEEDS_PER_PASS = 64  # seeds travelling down together: bounds the memory of one pass
 
 
+class Deconvnet:
+    """Project activations of one layer back to input space, with one of the rules.
+
+    Args:
+        model: the loaded model. layers: its layers (``trace_layers``). layer: where the seeds live.
+        rule: ``deconvnet`` (default, ``relu(R)`` at every rectifier), ``guided``
+            (``1[f>0]·relu(R)``) or ``gradient`` (plain backprop).
+
+    Raises:
+        LayerError: the layer has no (C, H, W) output, or an op below it has no rule.
+    """
+
+    def __init__(self, model: LoadedModel, layers: Layers, layer: Layer, *, rule: str = "deconvnet") -> None:
+        check_rule(rule)
+        if len(layer.output_shape) != 3:
+            raise LayerError(f"{layer.label} has output shape {layer.output_shape}; "
+                             "projection needs a spatial (C, H, W) layer")
+        if layer.point.unknown:
+            raise LayerError(f"vizdeconv has no rule for {layer.point.unknown}, which runs below {layer.label}; "
+                             "pick a layer below it (the README lists the ops it knows)")
+        self.model, self.layers, self.layer, self.rule = model, layers, layer, rule
+        self.walks = rule == "deconvnet" and layer.chain_index is not None and \
+            layers.chain.walkable(layer.chain_index)
+
+    @property
+    def path(self) -> str:
+        return "chain walk" if self.walks else f"autograd with the {self.rule} rule"
+
+    def activations(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, K, h, w)`` activations of the layer for a preprocessed batch, nothing above it run."""
+        with torch.no_grad():
+            if self.layer.chain_index is not None:
+                with SwitchRecorder(self.layers.chain, self.layer.chain_index, switches=False) as recorder:
+                    return recorder.forward(images).activations
+            with PointRecorder(self.model.module, self.layer.point) as recorder:
+                return recorder.run(images)
+
+    def forward(self, images: torch.Tensor) -> Forward:
+        """Run a batch up to the layer, keeping what ``project`` needs (switches, or the autograd graph)."""
+        if self.walks:
+            with SwitchRecorder(self.layers.chain, self.layer.chain_index) as recorder:
+                return recorder.forward(images)
+        # One graph per image: a seed's backward pass then costs one image's, not the batch's.
+        inputs, outputs = [], []
+        with torch.enable_grad(), apply_rules(self.rule), PointRecorder(self.model.module, self.layer.point) as recorder:
+            for image in images:
+                inputs.append(image[None].detach().requires_grad_(True))
+                outputs.append(recorder.run(inputs[-1]))
+        return Forward(activations=torch.cat(outputs).detach(), inputs=inputs, outputs=outputs)
+
+    def project(self, forward: Forward, seeds: torch.Tensor) -> torch.Tensor:
+        """Project seeds to input space, each seeded with its own activation value.
+
+        Args:
+            forward: what ``forward`` returned for a batch of N images.
+            seeds: ``(S, 4)`` int64 rows ``[image, channel, y, x]``.
+
+        Returns:
+            ``(S, C, H, W)`` projections in the model's (normalised) input space.
+        """
+        seeds = seeds.to(forward.activations.device)
+        if self.walks:
+            return walk(self.layers.chain, self.layer.chain_index, forward, seeds)
+        return _backward(forward, seeds)
+
+
+def _backward(forward: Forward, seeds: torch.Tensor) -> torch.Tensor:
+    """One backward pass per seed, through its own image's graph, seeded with the activation's value."""
+    projections = []
+    for image, channel, y, x in seeds.tolist():
+        output = forward.outputs[image]
+        signal = torch.zeros_like(output)
+        signal[0, channel, y, x] = output[0, channel, y, x].detach()
+        (gradient,) = torch.autograd.grad(output, forward.inputs[image], signal, retain_graph=True)
+        projections.append(gradient)
+    if not projections:
+        return forward.activations.new_zeros(0, *forward.inputs[0].shape[1:])
+    return torch.cat(projections)
+
+
 @torch.no_grad()
-def project(chain: Chain, layer: Layer, forward: Forward, seeds: torch.Tensor) -> torch.Tensor:
-    """Project many activations back to input space in one batched pass.
+def walk(chain: Chain, index: int, forward: Forward, seeds: torch.Tensor) -> torch.Tensor:
+    """The chain walk: project many activations of chain step ``index`` in one batched pass.
 
     A seed's signal only ever lives inside its receptive field, so the pass carries one window per
     seed (the same size for all, each at its own origin, possibly overhanging the map) instead of
     whole maps; window positions outside a map are zeroed after every step.
 
     Args:
-        chain: the model's chain (``trace_chain``).
-        layer: the layer the seeds live in.
-        forward: what ``SwitchRecorder`` recorded for a batch of N images at ``layer``.
+        chain: the model's chain (``trace_chain``); ``index``: the step the seeds live in.
+        forward: what ``SwitchRecorder`` recorded for a batch of N images at that step.
         seeds: ``(S, 4)`` int64 rows ``[image, channel, y, x]``; each is seeded with its own value.
             They go down ``SEEDS_PER_PASS`` at a time.
 
     Returns:
         ``(S, C, H, W)`` projections in the model's (normalised) input space.
     """
-    seeds = seeds.to(forward.activations.device)
     if len(seeds) > SEEDS_PER_PASS:
-        return torch.cat([project(chain, layer, forward, chunk) for chunk in seeds.split(SEEDS_PER_PASS)])
+        return torch.cat([walk(chain, index, forward, chunk) for chunk in seeds.split(SEEDS_PER_PASS)])
     activations = forward.activations
     image, channel, y, x = seeds.unbind(1)
-    signal = activations.new_zeros(len(seeds), layer.step.output_shape[0], 1, 1)
+    signal = activations.new_zeros(len(seeds), chain.steps[index].output_shape[0], 1, 1)
     signal[torch.arange(len(seeds)), channel, 0, 0] = activations[image, channel, y, x]
     origin = torch.stack([y, x], dim=1)
-    for step in reversed(chain.steps[: layer.step.index + 1]):
+    for step in reversed(chain.steps[: index + 1]):
         signal, origin = _invert(step, signal, origin, forward.switches.get(step.index), image)
         _zero_outside(signal, origin, step.input_shape[1:])
     return _place(signal, origin, chain.input_size[1:])
-
-
-def check_invertible(chain: Chain, layer: Layer) -> None:
-    """Fail early, naming the module, if the deconvnet cannot pass below ``layer``."""
-    for step in chain.steps[: layer.step.index + 1]:
-        if not isinstance(step.module, (nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.AvgPool2d,
-                                        nn.AdaptiveAvgPool2d) + RECTIFIERS + SKIPPED):
-            raise LayerError(f"the deconvnet cannot pass through {step.name!r} ({type(step.module).__name__}); "
-                             "it knows Conv2d, ReLU, MaxPool2d, BatchNorm2d, AvgPool2d, LocalResponseNorm, Dropout")
-        if isinstance(step.module, nn.Conv2d) and step.module.padding_mode != "zeros":
-            raise LayerError(f"the deconvnet cannot pass through {step.name!r}: padding_mode "
-                             f"{step.module.padding_mode!r} (only 'zeros')")
-        if isinstance(step.module, nn.BatchNorm2d) and step.module.running_var is None:
-            raise LayerError(f"the deconvnet cannot pass through {step.name!r}: BatchNorm2d without running stats")
 
 
 def _invert(step: Step, signal: torch.Tensor, origin: torch.Tensor, switches: torch.Tensor | None,
             image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One step down: the window of the step's input that the output window reaches, and its origin."""
     module = step.module
-    if isinstance(module, RECTIFIERS):
+    op = ops.for_module(module)
+    if op.kind == "rectifier":
         return F.relu(signal), origin
-    if isinstance(module, SKIPPED):
+    if op.kind == "skipped":
         return signal, origin
-    if isinstance(module, nn.BatchNorm2d):
+    if op.name == "batch_norm":
         scale = torch.rsqrt(module.running_var + module.eps)
         if module.weight is not None:
             scale = scale * module.weight
         return signal * scale[:, None, None], origin
-    if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
-        kernel, stride, padding, dilation = zip(*(local_geometry(module, axis) for axis in (0, 1)))
+    if op.name in ("conv2d", "max_pool2d"):
+        kernel, stride, padding, dilation = zip(*(ops.module_geometry(module, axis) for axis in (0, 1)))
         below = origin * torch.tensor(stride, device=origin.device) - torch.tensor(padding, device=origin.device)
-        if isinstance(module, nn.Conv2d):
+        if op.name == "conv2d":
             return _transposed_conv(module, signal), below
         size = tuple((signal.shape[2 + a] - 1) * stride[a] + dilation[a] * (kernel[a] - 1) + 1 for a in (0, 1))
         return _unpool(signal, origin, switches, image, step, below, size), below
-    if isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+    if op.name in ("avg_pool2d", "adaptive_avg_pool2d"):
         whole = _place(signal, origin, step.output_shape[1:])
         return _linear_transpose(module, whole, step.input_shape), torch.zeros_like(origin)
-    raise LayerError(f"the deconvnet cannot pass through {step.name!r} ({type(module).__name__})")
+    raise LayerError(f"the chain walk cannot pass through {step.name!r} ({type(module).__name__})")
 
 
 def _transposed_conv(conv: nn.Conv2d, signal: torch.Tensor) -> torch.Tensor:

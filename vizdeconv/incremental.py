@@ -13,29 +13,36 @@ and are shifted inward at the borders: recomputing a few unchanged cells stays e
 
 from __future__ import annotations
 
-from math import prod
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vizdeconv.layers import POINTWISE, Chain, Step, local_geometry
+from vizdeconv import ops
+from vizdeconv.layers import Chain, Layer, Layers, Step
 
-LOCAL = (nn.Conv2d, nn.MaxPool2d)
+
+def _behaviour(module: nn.Module) -> str | None:
+    """``pointwise``, ``local`` (a conv or max-pool, run on regions) or None (run in full from here)."""
+    op = ops.for_module(module)
+    if op is None or op.occlusion == "local" and op.name not in ("conv2d", "max_pool2d"):
+        return None
+    return op.occlusion if op.occlusion in ("pointwise", "local") else None
 
 
-def unsupported(chain: Chain) -> str | None:
+def unsupported(layers: Layers, layer: Layer) -> str | None:
     """Why incremental inference cannot run on this model (then occlusion runs brute force), or None."""
-    if chain.end != "the model's output":
-        return f"the plain chain of modules ends at {chain.end}"
+    if layers.chain.end != "the model's output":
+        return f"the plain chain of modules ends at {layers.chain.end}"
+    if layer.chain_index is None:
+        return f"{layer.name} is not a module of the plain chain"
     return None
 
 
 def changed_range(module: nn.Module, axis: int, first: torch.Tensor, end: torch.Tensor, size_out: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output rows ``[first, end)`` that a change in input rows ``[first, end)`` can reach (per position)."""
-    kernel, stride, padding, dilation = local_geometry(module, axis)
+    kernel, stride, padding, dilation = ops.module_geometry(module, axis)
     reach = dilation * (kernel - 1)
     low = (-((-(first + padding - reach)) // stride)).clamp(min=0)  # ceil division
     high = ((end - 1 + padding) // stride + 1).clamp(max=size_out)
@@ -47,9 +54,10 @@ def changed_regions(chain: Chain, corners: torch.Tensor, size: int):
     changed output rows and columns ``[first, end)`` (two ``(N, 2)`` tensors) for squares at ``corners``."""
     first, end = corners, corners + size
     for step in chain.steps:
-        if not isinstance(step.module, POINTWISE + LOCAL):
+        behaviour = _behaviour(step.module)
+        if behaviour is None:
             return
-        if isinstance(step.module, LOCAL):
+        if behaviour == "local":
             ranges = [changed_range(step.module, axis, first[:, axis], end[:, axis], step.output_shape[1 + axis])
                       for axis in (0, 1)]
             first, end = torch.stack([r[0] for r in ranges], 1), torch.stack([r[1] for r in ranges], 1)
@@ -103,11 +111,12 @@ class IncrementalOcclusion:
         for step in self.chain.steps:
             if full is None and patch.shape[2:] == self.inputs[step.index].shape[2:]:
                 full = patch  # the region covers the whole map
-            if full is None and not isinstance(step.module, POINTWISE + LOCAL):
+            behaviour = _behaviour(step.module)
+            if full is None and behaviour is None:
                 full = self._assemble(step.index, patch, origin)
             if full is not None:
                 full = step.module(full)
-            elif isinstance(step.module, POINTWISE):
+            elif behaviour == "pointwise":
                 patch = step.module(patch)
             else:
                 patch, origin, changed = self._local(step, patch, origin, changed)
@@ -130,7 +139,7 @@ class IncrementalOcclusion:
             first, end = changed_range(module, axis, changed[0][:, axis], changed[1][:, axis], out)
             size = max(1, int((end - first).max()))
             start = first.clamp(max=out - size)
-            kernel, stride, padding, dilation = local_geometry(module, axis)
+            kernel, stride, padding, dilation = ops.module_geometry(module, axis)
             firsts.append(first)
             ends.append(end)
             starts.append(start)
@@ -161,7 +170,7 @@ class IncrementalOcclusion:
             clean = self.inputs[step.index][0]
             pads = []
             for axis in (1, 0):  # F.pad wants (left, right, top, bottom)
-                kernel, stride, padding, dilation = local_geometry(step.module, axis)
+                kernel, stride, padding, dilation = ops.module_geometry(step.module, axis)
                 last = (step.output_shape[1 + axis] - 1) * stride - padding + dilation * (kernel - 1)
                 pads += [padding, max(padding, last - (step.input_shape[1 + axis] - 1))]
             value = 0.0 if isinstance(step.module, nn.Conv2d) else float("-inf")
@@ -197,12 +206,9 @@ def multiply_adds(chain: Chain, size: int, stride: int) -> tuple[float, float]:
                for step, first, end in changed_regions(chain, corners, size)}
     full_total = incremental_total = 0.0
     for step in chain.steps:
-        module = step.module
-        if isinstance(module, nn.Conv2d):
-            per_output = module.out_channels * module.in_channels // module.groups * prod(module.kernel_size)
-            full_total += step.output_shape[1] * step.output_shape[2] * per_output
-            incremental_total += changed.get(step.index, step.output_shape[1] * step.output_shape[2]) * per_output
-        elif isinstance(module, nn.Linear):
-            full_total += module.in_features * module.out_features
-            incremental_total += module.in_features * module.out_features
+        full = ops.multiply_adds(step.module, step.output_shape)
+        full_total += full
+        if step.index in changed:
+            full *= changed[step.index] / (step.output_shape[1] * step.output_shape[2])
+        incremental_total += full
     return full_total, incremental_total

@@ -1,26 +1,29 @@
-"""The plain chain of modules a deconvnet can walk back through, its layers and their geometry.
+"""The layers a user can pick, and the plain chain of modules the fast deconvnet walks down.
 
-"Layer N" is the rectified output of the N-th convolution (paper numbering: layer 5 = conv5's
-ReLU). The chain is found by watching one forward pass: it runs from the input through every
-leaf module whose input is, unchanged, the previous module's output (a ``torch.flatten`` in
-between counts as an implicit step), and ends where the model does something else (a residual
-sum, another functional op).
+Any module output is a layer (``graph.py`` finds them all, on any architecture). "Layer N" is the
+rectified output of the N-th convolution (paper numbering: layer 5 = conv5's ReLU), defined
+while the model is a plain chain up to it. The chain is found by watching one forward pass: it
+runs from the input through every leaf module whose input is, unchanged, the previous module's
+output (a ``torch.flatten`` in between counts as an implicit step), and ends where the model does
+something else (a residual sum, a functional op).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-from math import prod
 
 import torch
 from torch import nn
 
+from vizdeconv import ops
 from vizdeconv.errors import LayerError
+from vizdeconv.graph import Field, Graph, Point, trace
 from vizdeconv.models import LoadedModel
 
-RECTIFIERS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU)
-POINTWISE = RECTIFIERS + (nn.BatchNorm2d, nn.LocalResponseNorm, nn.Dropout, nn.Identity)  # spatially, in eval
-LOCAL_OPS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+# Ops the chain walk (deconv.walk) inverts on windows; anything else goes through autograd with rules.
+WALKED = frozenset({"relu", "relu6", "conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "batch_norm",
+                    "local_response_norm", "dropout"})
 
 
 @dataclass(frozen=True)
@@ -35,45 +38,6 @@ class Step:
 
 
 @dataclass(frozen=True)
-class Field:
-    """Receptive field: unit ``(y, x)`` sees input rows ``y*stride + offset`` … ``+ size - 1`` (columns alike).
-
-    ``stride`` is the jump between neighbouring units in input pixels; ``offset`` can be negative
-    (the field starts in the padding). A global op (adaptive pooling, flatten) sees everything:
-    stride 0, the whole image.
-    """
-
-    size: tuple[int, int]
-    stride: tuple[int, int]
-    offset: tuple[int, int]
-
-    def window(self, y: int, x: int) -> tuple[int, int, int, int]:
-        """``(y0, x0, y1, x1)``, end exclusive, unclipped: it may reach past the image."""
-        y0 = y * self.stride[0] + self.offset[0]
-        x0 = x * self.stride[1] + self.offset[1]
-        return y0, x0, y0 + self.size[0], x0 + self.size[1]
-
-    def box(self, y: int, x: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """``window`` clipped to a ``height`` × ``width`` image."""
-        y0, x0, y1, x1 = self.window(y, x)
-        return max(y0, 0), max(x0, 0), min(y1, height), min(x1, width)
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A place to project from: a step of the chain, with its paper number if it is a conv layer."""
-
-    number: int | None
-    step: Step
-    field: Field
-    conv: Step | None = None
-
-    @property
-    def label(self) -> str:
-        return f"layer {self.number} ({self.step.name})" if self.number else self.step.name
-
-
-@dataclass(frozen=True)
 class Chain:
     """The model's plain chain of module calls from the input, and why it ends where it does."""
 
@@ -81,66 +45,37 @@ class Chain:
     end: str
     input_size: tuple[int, int, int]
 
-    def layers(self) -> list[Layer]:
-        """The numbered conv layers: each conv's first rectifier, or the conv itself if none follows."""
+    def numbered(self) -> list[tuple[int, Step, Step]]:
+        """Paper numbering: ``(N, rectifier step, conv step)`` for every conv of the chain that a
+        rectifier follows before the next conv (layer N = the rectified output of conv N)."""
         convs = [s.index for s in self.steps if isinstance(s.module, nn.Conv2d)]
-        layers = []
+        numbered = []
         for number, (start, stop) in enumerate(zip(convs, convs[1:] + [len(self.steps)]), start=1):
-            rectifier = next((i for i in range(start + 1, stop) if isinstance(self.steps[i].module, RECTIFIERS)), start)
-            layers.append(Layer(number, self.steps[rectifier], self.field(rectifier), self.steps[start]))
-        return layers
+            rectifier = next((i for i in range(start + 1, stop) if _is_rectifier(self.steps[i].module)), None)
+            if rectifier is None:
+                break
+            numbered.append((number, self.steps[rectifier], self.steps[start]))
+        return numbered
 
-    def layer(self, spec: int | str) -> Layer:
-        """Resolve ``5``, ``"5"`` or a module name such as ``"features.8"``.
-
-        Raises:
-            LayerError: listing the valid numbers and module names.
-        """
-        layers = self.layers()
-        if isinstance(spec, int) or str(spec).isdigit():
-            if 1 <= int(spec) <= len(layers):
-                return layers[int(spec) - 1]
-        else:
-            for layer in layers:
-                if layer.step.name == spec:
-                    return layer
-            for step in self.steps:
-                if step.name == spec:
-                    return Layer(None, step, self.field(step.index))
-        numbered = ", ".join(f"{layer.number} = {layer.step.name}" for layer in layers) or "none"
-        names = f"{self.steps[0].name} … {self.steps[-1].name}" if self.steps else "none"
-        raise LayerError(f"no layer {str(spec)!r}; conv layers: {numbered}; or a module of the plain chain: {names} "
-                         f"(the chain ends at {self.end})")
-
-    def field(self, index: int) -> Field:
-        """Receptive field of the output of step ``index`` in input pixels."""
-        size, stride, offset = [1, 1], [1, 1], [0, 0]
-        for step in self.steps[: index + 1]:
-            module = step.module
-            if isinstance(module, LOCAL_OPS):
-                for axis in (0, 1):
-                    kernel, step_stride, padding, dilation = local_geometry(module, axis)
-                    size[axis] += dilation * (kernel - 1) * stride[axis]
-                    offset[axis] -= padding * stride[axis]
-                    stride[axis] *= step_stride
-            elif not isinstance(module, POINTWISE):
-                return Field(self.input_size[1:], (0, 0), (0, 0))
-        return Field(tuple(size), tuple(stride), tuple(offset))
+    def walkable(self, index: int) -> bool:
+        """Whether the chain walk (``deconv.walk``) can go down from step ``index`` to the input."""
+        return all(_walkable(step.module) for step in self.steps[: index + 1])
 
 
-def local_geometry(module: nn.Module, axis: int) -> tuple[int, int, int, int]:
-    """Kernel, stride, padding and dilation of a conv or pooling layer along one axis."""
-    def pick(value):
-        return value[axis] if isinstance(value, tuple) else value
+def _is_rectifier(module: nn.Module) -> bool:
+    op = ops.for_module(module)
+    return op is not None and op.kind == "rectifier"
 
-    kernel, stride = pick(module.kernel_size), pick(module.stride)
-    dilation = pick(getattr(module, "dilation", 1))
-    padding = module.padding
-    if padding == "valid":
-        padding = 0
-    elif padding == "same":
-        padding = dilation * (kernel - 1) // 2
-    return kernel, stride, pick(padding), dilation
+
+def _walkable(module: nn.Module) -> bool:
+    op = ops.for_module(module)
+    if op is None or op.name not in WALKED:
+        return False
+    if isinstance(module, nn.Conv2d):
+        return module.padding_mode == "zeros"
+    if isinstance(module, nn.BatchNorm2d):
+        return module.running_var is not None
+    return True
 
 
 def trace_chain(model: LoadedModel) -> Chain:
@@ -195,20 +130,115 @@ def _is_flattened(tensor, tensor_version, previous, version) -> bool:
             and previous.dim() > 2 and torch.equal(tensor, previous.flatten(1)))
 
 
-def describe(chain: Chain) -> list[dict]:
-    """One row per numbered layer, for ``vizdeconv layers`` (JSON-ready)."""
-    rows = []
-    for layer in chain.layers():
-        conv = layer.conv.module
-        rows.append({
-            "layer": layer.number,
-            "module": layer.step.name,
-            "conv": layer.conv.name,
-            "type": f"{type(layer.step.module).__name__} of Conv2d {conv.in_channels}→{conv.out_channels} "
-                    f"{'×'.join(map(str, conv.kernel_size))}/{conv.stride[0]}",
-            "output_shape": list(layer.step.output_shape),
-            "units": prod(layer.step.output_shape),
-            "rf_size": list(layer.field.size),
-            "rf_stride": list(layer.field.stride),
-        })
-    return rows
+@dataclass(frozen=True)
+class Layer:
+    """A place to project from: a module's output, with its paper number where it has one.
+
+    Attributes:
+        point: the module output in the model's graph (name, shape, receptive field, ops below).
+        number: N for "layer N" (the rectified output of conv N), else None.
+        chain_index: its step in the plain chain, when the chain reaches it (the fast path).
+        conv: for numbered layers, the conv's module name.
+    """
+
+    point: Point
+    number: int | None = None
+    chain_index: int | None = None
+    conv: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.point.name
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.point.output_shape
+
+    @property
+    def field(self) -> Field:
+        return self.point.field
+
+    @property
+    def label(self) -> str:
+        return f"layer {self.number} ({self.name})" if self.number else self.name
+
+
+@dataclass(frozen=True)
+class Layers:
+    """Every layer of a model: its graph's points, and the plain chain from the input."""
+
+    graph: Graph
+    chain: Chain
+
+    def numbered(self) -> list[Layer]:
+        return [self._layer(self._point_of(step), number, conv.name) for number, step, conv in self.chain.numbered()]
+
+    def layer(self, spec: int | str) -> Layer:
+        """Resolve ``5``, ``"5"``, a module name (``layer3``, ``features.8``) or one call (``relu@2``).
+
+        A number is a paper number first; past the numbered layers it may name a module of a bare
+        ``nn.Sequential``.
+
+        Raises:
+            LayerError: one line, with the valid numbers or the nearest names.
+        """
+        named = any(p.name == str(spec) for p in self.graph.points)  # nn.Sequential names modules "0", "1", …
+        if isinstance(spec, int) or str(spec).isdigit():
+            numbered = self.numbered()
+            if 1 <= int(spec) <= len(numbered):
+                return numbered[int(spec) - 1]
+        if (isinstance(spec, int) or str(spec).isdigit()) and not named:
+            listed = ", ".join(f"{layer.number} = {layer.name}" for layer in numbered) or "none"
+            raise LayerError(f"no layer {str(spec)!r}; conv layers: {listed} (numbers stop where the plain chain "
+                             f"ends, at {self.chain.end}); or a module name, see `vizdeconv layers`")
+        point = self.graph.point(str(spec))
+        for layer in self.numbered():
+            if layer.point == point:
+                return layer
+        return self._layer(point)
+
+    def last(self) -> Layer:
+        """The last numbered layer, or the last spatial module output of a graph."""
+        numbered = self.numbered()
+        if numbered and self.chain.end == "the model's output":
+            return numbered[-1]
+        if not self.graph.points:
+            raise LayerError("the model has no module with a (C, H, W) output to project from")
+        return self._layer(self.graph.points[-1])
+
+    def _point_of(self, step: Step) -> Point:
+        call = sum(1 for s in self.chain.steps[: step.index] if s.module is step.module)
+        return next(p for p in self.graph.points if p.module_name == step.name and p.call == call)
+
+    def _layer(self, point: Point, number: int | None = None, conv: str | None = None) -> Layer:
+        seen: Counter = Counter()
+        for step in self.chain.steps:
+            if step.name == point.module_name and seen[step.name] == point.call:
+                return Layer(point, number, step.index, conv)
+            seen[step.name] += 1
+        return Layer(point, number, None, conv)
+
+    def describe(self) -> list[dict]:
+        """One row per layer, for ``vizdeconv layers`` (JSON-ready)."""
+        numbers = {layer.point.name: layer.number for layer in self.numbered()}
+        rows = []
+        for point in self.graph.points:
+            layer = self._layer(point)
+            rows.append({
+                "layer": numbers.get(point.name),
+                "module": point.name,
+                "type": self.graph.types[point.module_name],
+                "output_shape": list(point.output_shape),
+                "rf_size": list(point.field.size),
+                "rf_stride": list(point.field.stride),
+                "path": "walk" if layer.chain_index is not None and self.chain.walkable(layer.chain_index)
+                        else "autograd",
+                "below": list(point.below),
+                "unknown": point.unknown,
+            })
+        return rows
+
+
+def trace_layers(model: LoadedModel) -> Layers:
+    """Trace the model's graph and its plain chain (two forward passes on noise)."""
+    return Layers(trace(model), trace_chain(model))

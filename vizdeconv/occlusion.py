@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vizdeconv.deconv import project, strongest
+from vizdeconv.deconv import Deconvnet, strongest
 from vizdeconv.errors import VizDeconvError
 from vizdeconv.incremental import IncrementalOcclusion, batch_order, unsupported
-from vizdeconv.layers import Chain, Layer
+from vizdeconv.layers import Layer, Layers
 from vizdeconv.models import LoadedModel
-from vizdeconv.switches import SwitchRecorder
+from vizdeconv.switches import PointRecorder
 
 DRILL_FACTOR, DRILL_SHARE = 4, 0.25  # approximate mode: coarse grid step (in positions), share drilled into
 REFERENCE_SIDE, REFERENCE_SIZE, REFERENCE_STRIDE = 224, 50, 8  # defaults for 224² inputs, scaled to others
@@ -116,7 +116,7 @@ class OcclusionMaps:
         return cls(**values)
 
 
-def occlude(model: LoadedModel, chain: Chain, layer: Layer, image: torch.Tensor, *, size: int, stride: int,
+def occlude(model: LoadedModel, layers: Layers, layer: Layer, image: torch.Tensor, *, size: int, stride: int,
             fill: torch.Tensor, target: str | int = "auto", batch_size: int = 64, brute_force: bool = False,
             approximate: bool = False, progress: Callable[[int, int], None] | None = None) -> OcclusionMaps:
     """All occlusion maps of one preprocessed ``(C, H, W)`` image.
@@ -130,14 +130,14 @@ def occlude(model: LoadedModel, chain: Chain, layer: Layer, image: torch.Tensor,
     ys, xs = corners(height, size, stride), corners(width, size, stride)
     image = image.to(model.device)
     fill = fill.to(model.device, image.dtype)
-    incremental = not brute_force and unsupported(chain) is None
+    incremental = not brute_force and unsupported(layers, layer) is None
     if incremental:
-        engine = IncrementalOcclusion(chain, image, layer.step.index)
+        engine = IncrementalOcclusion(layers.chain, image, layer.chain_index)
         clean_logits, clean = engine.logits, engine.layer_output
     else:
-        with SwitchRecorder(chain, layer, switches=False) as recorder, torch.no_grad():
+        with PointRecorder(model.module, layer.point) as recorder, torch.no_grad():
             clean_logits = model.module(image[None])[0]
-            clean = recorder.recorded.activations[0]
+            clean = recorder.output[0]
     clean_probabilities = clean_logits.softmax(0)
     channel = int(clean.flatten(1).max(1).values.argmax())
     target_class = resolve_target(target, model, clean_probabilities)
@@ -148,9 +148,9 @@ def occlude(model: LoadedModel, chain: Chain, layer: Layer, image: torch.Tensor,
         batch = image.repeat(len(places), 1, 1, 1)
         for i, (y, x) in enumerate(places.tolist()):
             batch[i, :, y:y + size, x:x + size] = fill[:, None, None]
-        with SwitchRecorder(chain, layer, switches=False) as recorder, torch.no_grad():
+        with PointRecorder(model.module, layer.point) as recorder, torch.no_grad():
             logits = model.module(batch)
-            return logits, recorder.recorded.activations[:, channel].sum((1, 2))
+            return logits, recorder.output[:, channel].sum((1, 2))
 
     grid = torch.tensor([(y, x) for y in ys for x in xs]).view(len(ys), len(xs), 2)
     maps = torch.zeros(3, len(ys), len(xs), dtype=torch.float64)  # p(target), top class, feature total
@@ -171,7 +171,7 @@ def occlude(model: LoadedModel, chain: Chain, layer: Layer, image: torch.Tensor,
 
     cells = torch.cartesian_prod(torch.arange(len(ys)), torch.arange(len(xs)))
     if incremental:
-        cells = cells[batch_order(chain, grid[cells[:, 0], cells[:, 1]], size)]
+        cells = cells[batch_order(layers.chain, grid[cells[:, 0], cells[:, 1]], size)]
     method = "incremental" if incremental else "brute force"
     if approximate:
         _drill_down(run, cells, maps, float(clean_probabilities[target_class]))
@@ -182,7 +182,7 @@ def occlude(model: LoadedModel, chain: Chain, layer: Layer, image: torch.Tensor,
     return OcclusionMaps(
         model=model.name, method=method, prob_true=maps[0].numpy().astype(np.float32),
         top_class=maps[1].numpy().astype(np.int64), feature_total=maps[2].numpy().astype(np.float32),
-        channel=channel, target=target_class, layer=layer.number or 0, module=layer.step.name, size=size,
+        channel=channel, target=target_class, layer=layer.number or 0, module=layer.name, size=size,
         stride=stride, fill=fill.cpu().numpy(), positions_y=np.array(ys), positions_x=np.array(xs),
         prob_clean=float(clean_probabilities[target_class]), clean_class=int(clean_probabilities.argmax()),
         feature_clean=float(clean[channel].sum()))
@@ -204,11 +204,10 @@ def _drill_down(run: Callable[[torch.Tensor], None], cells: torch.Tensor, maps: 
     run(fine)
 
 
-def strongest_projection(chain: Chain, layer: Layer, image: torch.Tensor, channel: int) -> torch.Tensor:
-    """Deconvnet projection of ``channel``'s strongest activation on the unoccluded image (panel c)."""
-    with SwitchRecorder(chain, layer) as recorder:
-        forward = recorder.forward(image[None])
-    return project(chain, layer, forward, strongest(forward.activations, channel=channel))[0].cpu()
+def strongest_projection(deconvnet: Deconvnet, image: torch.Tensor, channel: int) -> torch.Tensor:
+    """Projection of ``channel``'s strongest activation on the unoccluded image (panel c), with the deconvnet's rule."""
+    forward = deconvnet.forward(image[None])
+    return deconvnet.project(forward, strongest(forward.activations, channel=channel))[0].cpu()
 
 
 def is_same_run(maps: OcclusionMaps, model: str, module: str, size: int, stride: int, fill: torch.Tensor,

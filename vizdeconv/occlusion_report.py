@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from vizdeconv import render
 from vizdeconv.errors import ImageError
 from vizdeconv.images import read_batches
-from vizdeconv.layers import Chain, Layer
+from vizdeconv.deconv import Deconvnet
 from vizdeconv.models import LoadedModel
 from vizdeconv.occlusion import (
     OcclusionMaps,
@@ -27,7 +27,7 @@ MAPS = "maps.npz"
 FIGURE = "occlusion.png"
 
 
-def figure(model: LoadedModel, image: torch.Tensor, projection: torch.Tensor, maps: OcclusionMaps):
+def figure(model: LoadedModel, image: torch.Tensor, projection: torch.Tensor, maps: OcclusionMaps, rule: str):
     """Paper Fig. 7: (a) input and square, (b) feature map total, (c) its projection, (d) p(target),
     (e) most probable class, then (b), (d), (e) overlaid on the input."""
     picture = render.input_to_image(image, model.mean, model.std)
@@ -44,7 +44,7 @@ def figure(model: LoadedModel, image: torch.Tensor, projection: torch.Tensor, ma
         [square, render.fit(features), render.fit(render.projection_to_image(projection)), render.fit(probability),
          render.fit(classes)],
         [f"(a) square {maps.size}px, stride {maps.stride}", f"(b) ch {maps.channel} total "
-         f"{maps.feature_total.min():.3g}..{maps.feature_total.max():.3g}", f"(c) ch {maps.channel} projection",
+         f"{maps.feature_total.min():.3g}..{maps.feature_total.max():.3g}", f"(c) ch {maps.channel} projection ({rule})",
          f"(d) p({name[:16]}) 0..1", "(e) most probable class"])
     overlays = [render.overlay(picture, cells, maps.positions_y, maps.positions_x, maps.size)
                 for cells in (features, probability, classes)]
@@ -68,9 +68,10 @@ def _legend(model: LoadedModel, maps: OcclusionMaps):
     return panel
 
 
-def save(folder: Path, model: LoadedModel, image: torch.Tensor, projection: torch.Tensor, maps: OcclusionMaps):
+def save(folder: Path, model: LoadedModel, image: torch.Tensor, projection: torch.Tensor, maps: OcclusionMaps,
+         rule: str):
     """Figure first, maps last: a ``maps.npz`` present means this image's outputs are complete."""
-    save_png(folder / FIGURE, figure(model, image, projection, maps))
+    save_png(folder / FIGURE, figure(model, image, projection, maps, rule))
     save_npz(folder / MAPS, **maps.arrays())
 
 
@@ -99,20 +100,22 @@ def split_done(out: Path, names: dict[Path, str], model: LoadedModel, is_same: C
     return rows, todo
 
 
-def occlude_files(model: LoadedModel, chain: Chain, layer: Layer, paths: list[Path], out: Path,
+def occlude_files(deconvnet: Deconvnet, paths: list[Path], out: Path,
                   names: dict[Path, str], *, squares: Callable[[int, int], None] | None = None,
                   **options) -> Iterator[tuple[Path, dict] | ImageError]:
     """Occlusion maps of each image, saved under ``out/<name>/``; yields ``(path, summary row)`` per image
-    and an ``ImageError`` per file that failed. ``options`` go to ``occlusion.occlude``."""
+    and an ``ImageError`` per file that failed. ``options`` go to ``occlusion.occlude``; panel (c)
+    uses the deconvnet's rule."""
+    model = deconvnet.model
     for batch in read_batches(paths, preprocess=model.preprocess, channels=model.input_size[0],
                               background=model.mean, batch_size=1):
         if isinstance(batch, ImageError):
             yield batch
             continue
         path, image = batch.paths[0], batch.images[0].to(model.device)
-        maps = occlude(model, chain, layer, image, progress=squares, **options)
-        projection = strongest_projection(chain, layer, image, maps.channel)
-        save(out / names[path], model, batch.images[0], projection, maps)
+        maps = occlude(model, deconvnet.layers, deconvnet.layer, image, progress=squares, **options)
+        projection = strongest_projection(deconvnet, image, maps.channel)
+        save(out / names[path], model, batch.images[0], projection, maps, deconvnet.rule)
         yield path, summary_row(path, maps, model.categories)
 
 

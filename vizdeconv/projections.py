@@ -10,13 +10,12 @@ import numpy as np
 import torch
 
 from vizdeconv import render
-from vizdeconv.deconv import check_invertible, project, strongest
+from vizdeconv.deconv import Deconvnet, strongest
 from vizdeconv.errors import ImageError
 from vizdeconv.images import Batch, read_batches
-from vizdeconv.layers import Chain, Layer
+from vizdeconv.layers import Layer
 from vizdeconv.models import LoadedModel
 from vizdeconv.outputs import save_npz, save_png
-from vizdeconv.switches import SwitchRecorder
 
 
 @dataclass(frozen=True)
@@ -41,38 +40,38 @@ class ImageProjections:
     path: Path
     input: torch.Tensor
     layer: Layer
+    rule: str
     projections: list[Projection]
 
 
-def project_files(model: LoadedModel, chain: Chain, layer: Layer, paths: Sequence[Path], *, top: int = 1,
-                  channel: int | None = None, position: tuple[int, int] | None = None,
-                  batch_size: int = 16) -> Iterator[ImageProjections | ImageError]:
-    """For each image, project its strongest activations at ``layer`` (see ``deconv.strongest``).
+def project_files(deconvnet: Deconvnet, paths: Sequence[Path], *, top: int = 1, channel: int | None = None,
+                  position: tuple[int, int] | None = None, batch_size: int = 16
+                  ) -> Iterator[ImageProjections | ImageError]:
+    """For each image, project its strongest activations at the deconvnet's layer (see ``deconv.strongest``).
 
     Yields results in input order, and an ``ImageError`` for each file that could not be read.
     """
-    check_invertible(chain, layer)
-    with SwitchRecorder(chain, layer) as recorder:
-        for batch in read_batches(paths, preprocess=model.preprocess, channels=model.input_size[0],
-                                  background=model.mean, batch_size=batch_size):
-            if isinstance(batch, ImageError):
-                yield batch
-                continue
-            yield from _project_batch(model, chain, layer, recorder, batch, top, channel, position)
+    model = deconvnet.model
+    for batch in read_batches(paths, preprocess=model.preprocess, channels=model.input_size[0],
+                              background=model.mean, batch_size=batch_size):
+        if isinstance(batch, ImageError):
+            yield batch
+            continue
+        yield from _project_batch(deconvnet, batch, top, channel, position)
 
 
-def _project_batch(model, chain, layer, recorder, batch: Batch, top, channel, position):
-    images = batch.images.to(model.device)
-    forward = recorder.forward(images)
+def _project_batch(deconvnet: Deconvnet, batch: Batch, top, channel, position):
+    model, layer = deconvnet.model, deconvnet.layer
+    forward = deconvnet.forward(batch.images.to(model.device))
     seeds = strongest(forward.activations, top=top, channel=channel, position=position)
-    pixels = project(chain, layer, forward, seeds).cpu()
+    pixels = deconvnet.project(forward, seeds).cpu()
     values = forward.activations[tuple(seeds.T)].tolist()
     height, width = model.input_size[1:]
     per_image: list[list[Projection]] = [[] for _ in batch.paths]
     for (image, c, y, x), value, projection in zip(seeds.tolist(), values, pixels):
         per_image[image].append(Projection(c, (y, x), value, layer.field.box(y, x, height, width), projection))
     for path, image, projections in zip(batch.paths, batch.images, per_image):
-        yield ImageProjections(path, image, layer, projections)
+        yield ImageProjections(path, image, layer, deconvnet.rule, projections)
 
 
 def save_image_projections(result: ImageProjections, folder: Path, model: LoadedModel) -> list[Path]:
@@ -81,7 +80,7 @@ def save_image_projections(result: ImageProjections, folder: Path, model: Loaded
     NPZ keys: ``projection`` (float32 C×H×W, raw, normalised input space), ``input`` (the
     preprocessed input), ``layer`` (paper number, 0 for a module picked by name), ``module``,
     ``channel``, ``position`` (y, x in the layer's map), ``value`` (the seed activation), ``box``
-    (y0, x0, y1, x1 receptive field in input pixels, end exclusive).
+    (y0, x0, y1, x1 receptive field in input pixels, end exclusive), ``rule``.
     """
     slug = layer_slug(result.layer)
     written = []
@@ -98,14 +97,15 @@ def save_image_projections(result: ImageProjections, folder: Path, model: Loaded
         written.append(save_npz(
             folder / f"{slug}_ch{p.channel:03d}.npz", projection=p.pixels.numpy().astype(np.float32),
             input=result.input.numpy().astype(np.float32), layer=np.int64(result.layer.number or 0),
-            module=np.str_(result.layer.step.name), channel=np.int64(p.channel),
+            module=np.str_(result.layer.name), rule=np.str_(result.rule), channel=np.int64(p.channel),
             position=np.array(p.position, dtype=np.int64), value=np.float32(p.value),
             box=np.array(p.box, dtype=np.int64)))
-    title = f"{result.path.name}: {model.name}, {result.layer.label}; projections scaled symmetrically around 0"
+    title = (f"{result.path.name}: {model.name}, {result.layer.label}, {result.rule} rule; "
+             "projections scaled symmetrically around 0")
     written.insert(0, save_png(folder / f"{slug}.png", render.stack(rows, title)))
     return written
 
 
 def layer_slug(layer: Layer) -> str:
     """File-name stem for a layer: ``layer5``, or the module name for an unnumbered module."""
-    return f"layer{layer.number}" if layer.number else layer.step.name.replace(".", "_")
+    return f"layer{layer.number}" if layer.number else layer.name.replace(".", "_").replace("@", "_call")

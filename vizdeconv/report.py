@@ -44,8 +44,8 @@ def make_tiles(model: LoadedModel, layer: Layer, found: dict[int, list[Hit]],
     return tiles
 
 
-def write_layer(out: Path, model: LoadedModel, layer: Layer, k: int, found: dict[int, list[Hit]], tiles: Tiles,
-                scanned: int, failures: list[ImageError]) -> Path:
+def write_layer(out: Path, model: LoadedModel, layer: Layer, rule: str, k: int, found: dict[int, list[Hit]],
+                tiles: Tiles, scanned: int, failures: list[ImageError]) -> Path:
     """Write the layer's folder and refresh ``OUT/index.html``; returns the layer folder."""
     folder = out / layer_slug(layer)
     columns = math.ceil(math.sqrt(k))
@@ -67,12 +67,12 @@ def write_layer(out: Path, model: LoadedModel, layer: Layer, k: int, found: dict
     for number, start in enumerate(range(0, len(figures), SHEET), start=1):
         name = "overview.png" if number == 1 else f"overview-{number}.png"
         last = min(start + SHEET, len(channels))
-        title = (f"{model.name}, {layer.label}: channels {channels[start]['channel']}..{channels[last - 1]['channel']}, "
+        title = (f"{model.name}, {layer.label}, {rule} rule: channels {channels[start]['channel']}..{channels[last - 1]['channel']}, "
                  f"top {k} over {scanned} images (left: projections, right: patches)")
         save_png(folder / name, render.sheet(figures[start:last], 8, title))
         sheets.append(name)
     save_json(folder / "index.json", {
-        "model": model.name, "weights": model.weights, "layer": layer.number, "module": layer.step.name,
+        "model": model.name, "weights": model.weights, "layer": layer.number, "module": layer.name, "rule": rule,
         "input_size": list(model.input_size), "k": k,
         "receptive_field": {"size": list(layer.field.size), "stride": list(layer.field.stride),
                             "offset": list(layer.field.offset)},
@@ -98,7 +98,8 @@ def write_index_html(out: Path) -> Path:
         failed = "".join(f"<li>{html.escape(f['image'])}: {html.escape(f['reason'])}</li>" for f in data["failed"])
         sections.append(
             f'<section id="{folder}"><h2>{html.escape(title)}</h2>'
-            f"<p>{html.escape(data['model'])} ({html.escape(data['weights'])}), top {data['k']} over "
+            f"<p>{html.escape(data['model'])} ({html.escape(data['weights'])}), {html.escape(data['rule'])} rule, "
+            f"top {data['k']} over "
             f"{data['images_scanned']} images; receptive field {data['receptive_field']['size'][0]} px. "
             f"Overview: {overviews}. <a href=\"{folder}/index.json\">index.json</a></p>"
             + (f"<details><summary>{len(data['failed'])} failed files</summary><ul>{failed}</ul></details>"

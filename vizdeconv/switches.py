@@ -1,7 +1,7 @@
-"""Forward hooks that record max-pooling switches and one layer's activations.
+"""Forward hooks that record one layer's activations, and max-pooling switches for the chain walk.
 
-Hooks live only inside ``SwitchRecorder``'s ``with`` block and are removed in ``finally``, also
-when the forward pass raises; the model itself is never modified.
+Hooks live only inside a recorder's ``with`` block and are removed in ``finally``, also when the
+forward pass raises; the model itself is never modified.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vizdeconv.errors import LayerError
-from vizdeconv.layers import Chain, Layer
+from vizdeconv.graph import Point
+from vizdeconv.layers import Chain
 
 
 @dataclass
@@ -25,27 +25,28 @@ class Forward:
         activations: ``(N, K, h, w)`` output of the recorded layer (a copy: later in-place ops
             such as ``ReLU(inplace=True)`` cannot change it).
         switches: chain step index → ``(N, C, h, w)`` int64 argmax positions of that max-pool,
-            as flat indices into each ``H × W`` input plane.
+            as flat indices into each ``H × W`` input plane (chain walk).
+        inputs, outputs: per image, its ``(1, C, H, W)`` input and the layer's output with the
+            autograd graph between them, built under the rules (general path).
     """
 
     activations: torch.Tensor | None = None
     switches: dict[int, torch.Tensor] = field(default_factory=dict)
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
 
 
 class SwitchRecorder:
-    """Record switches below ``layer`` and its activations whenever the model runs inside ``with``.
+    """Record switches below chain step ``index`` and its output whenever the model runs inside ``with``.
 
     Use ``forward()`` to run just the chain up to the layer, or call the model yourself (the
     whole forward pass, logits included) and read ``recorded``. ``switches=False`` records only
     the activations (for scans that project later).
     """
 
-    def __init__(self, chain: Chain, layer: Layer, *, switches: bool = True) -> None:
-        if len(layer.step.output_shape) != 3:
-            raise LayerError(f"{layer.label} has output shape {layer.step.output_shape}; "
-                             "projection needs a spatial (C, H, W) layer")
+    def __init__(self, chain: Chain, index: int, *, switches: bool = True) -> None:
         self.chain = chain
-        self.layer = layer
+        self.index = index
         self.switches = switches
         self.recorded = Forward()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -53,7 +54,7 @@ class SwitchRecorder:
         self._calls: dict[nn.Module, int] = defaultdict(int)
         # Every call up to the layer is counted, so that a module the chain calls more than once
         # (one shared ReLU, say) is matched to the right step.
-        for step in chain.steps[: layer.step.index + 1]:
+        for step in chain.steps[: index + 1]:
             self._steps_of[step.module].append(step.index)
 
     def __enter__(self) -> SwitchRecorder:
@@ -89,7 +90,7 @@ class SwitchRecorder:
             _, switches = F.max_pool2d(inputs[0], module.kernel_size, module.stride, module.padding,
                                        module.dilation, ceil_mode=module.ceil_mode, return_indices=True)
             self.recorded.switches[index] = switches
-        if index == self.layer.step.index:
+        if index == self.index:
             self.recorded.activations = output.detach().clone()
 
     @torch.no_grad()
@@ -97,6 +98,65 @@ class SwitchRecorder:
         """Run the chain up to the recorded layer (nothing above it) and return what was recorded."""
         self._calls.clear()
         x = images
-        for step in self.chain.steps[: self.layer.step.index + 1]:
+        for step in self.chain.steps[: self.index + 1]:
             x = step.module(x)
         return self.recorded
+
+
+class _Reached(Exception):
+    """Raised by a hook to end a forward pass once the recorded layer has run."""
+
+
+class PointRecorder:
+    """Record the output of one module call (a graph point) whenever the model runs inside ``with``.
+
+    ``run(images)`` runs the model only as far as the point (a hook ends the pass there); call the
+    model yourself to run all of it (the logits too) and read ``output``. The output is cloned in
+    the hook, so later in-place ops cannot change it, and under grad mode the clone keeps the
+    autograd graph.
+    """
+
+    def __init__(self, module: nn.Module, point: Point) -> None:
+        self.module = module
+        self.point = point
+        self.output: torch.Tensor | None = None
+        self._calls = 0
+        self._stop = False
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> PointRecorder:
+        target = self.module.get_submodule(self.point.module_name)
+        try:
+            self._handles.append(self.module.register_forward_pre_hook(self._start))
+            self._handles.append(target.register_forward_hook(self._record))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _start(self, module: nn.Module, inputs) -> None:
+        self._calls = 0
+        self.output = None
+
+    def _record(self, module: nn.Module, inputs, output) -> None:
+        if self._calls == self.point.call:
+            self.output = output.clone()
+            if self._stop:
+                raise _Reached
+        self._calls += 1
+
+    def run(self, images: torch.Tensor) -> torch.Tensor:
+        """The point's output for ``images``, running the model no further than needed."""
+        self._stop = True
+        try:
+            self.module(images)
+        except _Reached:
+            pass
+        finally:
+            self._stop = False
+        return self.output

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import torch
 
-from vizdeconv.deconv import check_invertible, project
+from vizdeconv.deconv import Deconvnet
 from vizdeconv.errors import ImageError, LayerError
 from vizdeconv.images import read_batches
-from vizdeconv.layers import Chain, Layer
-from vizdeconv.models import LoadedModel
-from vizdeconv.switches import SwitchRecorder
+from vizdeconv.layers import Layer
 
 # Conv kernels choose their algorithm by batch size, so an activation can differ in its last bits
 # between batch sizes; the scan always runs chunks of this many images (the last one zero-padded)
@@ -86,26 +84,26 @@ def parse_channels(spec: str, count: int) -> list[int]:
     return sorted(chosen)
 
 
-def scan(model: LoadedModel, chain: Chain, layer: Layer, paths: Sequence[Path], top: TopK, *,
-         batch_size: int = 32, workers: int = 0) -> Iterator[int | ImageError]:
-    """Run the images through the model up to ``layer``, folding each batch into ``top``.
+def scan(deconvnet: Deconvnet, paths: Sequence[Path], top: TopK, *, batch_size: int = 32,
+         workers: int = 0) -> Iterator[int | ImageError]:
+    """Run the images through the model up to the deconvnet's layer, folding each batch into ``top``.
 
     ``paths`` must be in the order that breaks ties (``find_images`` sorts them). Yields the
     number of images in each batch done, and an ``ImageError`` per file that failed.
     """
+    model = deconvnet.model
     rank = {path: i for i, path in enumerate(paths)}
-    with SwitchRecorder(chain, layer, switches=False) as recorder:
-        for batch in read_batches(paths, preprocess=model.preprocess, channels=model.input_size[0],
-                                  background=model.mean, batch_size=batch_size, workers=workers):
-            if isinstance(batch, ImageError):
-                yield batch
-                continue
-            ranks = torch.tensor([rank[p] for p in batch.paths])
-            for images, chunk_ranks in zip(batch.images.split(SCAN_CHUNK), ranks.split(SCAN_CHUNK)):
-                padded = torch.cat([images, images.new_zeros(SCAN_CHUNK - len(images), *images.shape[1:])])
-                activations = recorder.forward(padded.to(model.device, non_blocking=True)).activations
-                top.update(activations[: len(images)], chunk_ranks)
-            yield len(batch.paths)
+    for batch in read_batches(paths, preprocess=model.preprocess, channels=model.input_size[0],
+                              background=model.mean, batch_size=batch_size, workers=workers):
+        if isinstance(batch, ImageError):
+            yield batch
+            continue
+        ranks = torch.tensor([rank[p] for p in batch.paths])
+        for images, chunk_ranks in zip(batch.images.split(SCAN_CHUNK), ranks.split(SCAN_CHUNK)):
+            padded = torch.cat([images, images.new_zeros(SCAN_CHUNK - len(images), *images.shape[1:])])
+            activations = deconvnet.activations(padded.to(model.device, non_blocking=True))
+            top.update(activations[: len(images)], chunk_ranks)
+        yield len(batch.paths)
 
 
 def hits(top: TopK, layer: Layer, paths: Sequence[Path], input_size: tuple[int, int, int]) -> dict[int, list[Hit]]:
@@ -115,7 +113,7 @@ def hits(top: TopK, layer: Layer, paths: Sequence[Path], input_size: tuple[int, 
     channel can have fewer than k hits, or none (a dead filter).
     """
     height, width = input_size[1:]
-    map_width = layer.step.output_shape[2]
+    map_width = layer.output_shape[2]
     result = {}
     for channel, values, ranks, places in zip(top.channels.tolist(), top.values.tolist(), top.ranks.tolist(),
                                               top.places.tolist()):
@@ -129,31 +127,30 @@ def hits(top: TopK, layer: Layer, paths: Sequence[Path], input_size: tuple[int, 
     return result
 
 
-def project_hits(model: LoadedModel, chain: Chain, layer: Layer, found: dict[int, list[Hit]], *,
-                 batch_size: int = 32) -> Iterator[tuple[Path, torch.Tensor, list[tuple[int, int, torch.Tensor]]]]:
+def project_hits(deconvnet: Deconvnet, found: dict[int, list[Hit]], *, batch_size: int = 32
+                 ) -> Iterator[tuple[Path, torch.Tensor, list[tuple[int, int, torch.Tensor]]]]:
     """Project every hit, one forward pass per image: yields ``(image, input, [(channel, slot, projection)])``.
 
     ``slot`` is the hit's place in its channel's list. Images are read again (nothing was kept by
     the scan); one that no longer loads raises its ``ImageError``.
     """
-    check_invertible(chain, layer)
+    model = deconvnet.model
     wanted: dict[Path, list[tuple[int, int, Hit]]] = defaultdict(list)
     for channel, channel_hits in found.items():
         for slot, hit in enumerate(channel_hits):
             wanted[hit.image].append((channel, slot, hit))
     images = sorted(wanted)
-    with SwitchRecorder(chain, layer) as recorder:
-        for batch in read_batches(images, preprocess=model.preprocess, channels=model.input_size[0],
-                                  background=model.mean, batch_size=batch_size):
-            if isinstance(batch, ImageError):
-                raise batch
-            forward = recorder.forward(batch.images.to(model.device))
-            seeds = [(i, channel, *hit.position) for i, path in enumerate(batch.paths)
-                     for channel, _, hit in wanted[path]]
-            pixels = project(chain, layer, forward, torch.tensor(seeds, dtype=torch.long)).cpu()
-            start = 0
-            for i, path in enumerate(batch.paths):
-                entries = wanted[path]
-                yield path, batch.images[i], [(channel, slot, pixels[start + j])
-                                              for j, (channel, slot, _) in enumerate(entries)]
-                start += len(entries)
+    for batch in read_batches(images, preprocess=model.preprocess, channels=model.input_size[0],
+                              background=model.mean, batch_size=batch_size):
+        if isinstance(batch, ImageError):
+            raise batch
+        forward = deconvnet.forward(batch.images.to(model.device))
+        seeds = [(i, channel, *hit.position) for i, path in enumerate(batch.paths)
+                 for channel, _, hit in wanted[path]]
+        pixels = deconvnet.project(forward, torch.tensor(seeds, dtype=torch.long)).cpu()
+        start = 0
+        for i, path in enumerate(batch.paths):
+            entries = wanted[path]
+            yield path, batch.images[i], [(channel, slot, pixels[start + j])
+                                          for j, (channel, slot, _) in enumerate(entries)]
+            start += len(entries)
