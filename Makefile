@@ -23,6 +23,7 @@ bench: $(READY)
 	$(BIN)/python benchmarks/bench_deconv.py
 	$(BIN)/python benchmarks/bench_scan.py
 	$(BIN)/python benchmarks/bench_occlusion.py
+	$(BIN)/python benchmarks/bench_graph.py
 
 clean:
 	rm -rf $(VENV) vizdeconv-out

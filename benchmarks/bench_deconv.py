@@ -19,10 +19,9 @@ import torch
 import torchvision
 from captum.attr import NeuronDeconvolution
 
-from vizdeconv.deconv import project, strongest
-from vizdeconv.layers import trace_chain
+from vizdeconv.deconv import Deconvnet, strongest
+from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel
-from vizdeconv.switches import SwitchRecorder
 
 
 def best_of(repeats: int, run) -> tuple[float, object]:
@@ -34,28 +33,36 @@ def best_of(repeats: int, run) -> tuple[float, object]:
     return min(times), result
 
 
-def compare(chain, layer, module, images: torch.Tensor, channels: int, repeats: int) -> None:
+def side_by_side(deconvnet: Deconvnet, attribution, images: torch.Tensor, channels: int, repeats: int
+                 ) -> tuple[int, float, float, float]:
+    """The strongest ``channels`` of each image projected by vizdeconv, then by a Captum neuron
+    attribution (one call per seed): ``(projections, our seconds, Captum's seconds, max relative
+    difference)``. Captum gives the gradient; vizdeconv seeds with the value, divided out here."""
     def ours():
-        with SwitchRecorder(chain, layer) as recorder:
-            forward = recorder.forward(images)
+        forward = deconvnet.forward(images)
         seeds = strongest(forward.activations, top=channels)
-        return seeds, forward.activations[tuple(seeds.T)], project(chain, layer, forward, seeds)
+        return seeds, forward.activations[tuple(seeds.T)], deconvnet.project(forward, seeds)
 
     ours_time, (seeds, values, projections) = best_of(repeats, ours)
-    deconvolution = NeuronDeconvolution(module, module.features[11])
 
     def captum():
-        return torch.cat([deconvolution.attribute(images[i:i + 1], neuron_selector=(c, y, x))
+        return torch.cat([attribution.attribute(images[i:i + 1], neuron_selector=(c, y, x))
                           for i, c, y, x in seeds.tolist()])
 
     captum_time, attributions = best_of(repeats, captum)
     scaled = projections / values[:, None, None, None]
     difference = ((scaled - attributions).abs().max() / attributions.abs().max()).item()
-    n = len(seeds)
+    return len(seeds), ours_time, captum_time, difference
+
+
+def compare(deconvnet: Deconvnet, module, images: torch.Tensor, channels: int, repeats: int) -> None:
+    n, ours_time, captum_time, difference = side_by_side(
+        deconvnet, NeuronDeconvolution(module, module.features[11]), images, channels, repeats)
     print(f"alexnet layer 5, {n} projections ({len(images)} images × {channels} channels), best of {repeats}, "
           f"{torch.get_num_threads()} threads")
-    print(f"  vizdeconv (one forward + one batched down pass): {1000 * ours_time / n:8.2f} ms per projection")
-    print(f"  Captum NeuronDeconvolution (one call per seed):  {1000 * captum_time / n:8.2f} ms per projection")
+    for label, seconds in ((f"vizdeconv ({deconvnet.path}: one forward + batched down passes)", ours_time),
+                           ("Captum NeuronDeconvolution (one call per seed)", captum_time)):
+        print(f"  {label + ':':<64}{1000 * seconds / n:8.2f} ms per projection")
     print(f"  speed-up: {captum_time / ours_time:.1f}×   max |difference| / max |Captum|: {difference:.1e}")
 
 
@@ -66,11 +73,11 @@ def main() -> None:
     torch.manual_seed(0)
     module = torchvision.models.alexnet().eval()
     model = LoadedModel("alexnet", "random", module, None, (3, 224, 224), (0.0,) * 3, (1.0,) * 3, ())
-    chain = trace_chain(model)
-    layer = chain.layer(5)
+    layers = trace_layers(model)
+    deconvnet = Deconvnet(model, layers, layers.layer(5), rule="deconvnet")
     images = torch.randn(8, 3, 224, 224)
-    compare(chain, layer, module, images[:1], 64, args.repeats)
-    compare(chain, layer, module, images, 8, args.repeats)
+    compare(deconvnet, module, images[:1], 64, args.repeats)
+    compare(deconvnet, module, images, 8, args.repeats)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from captum.attr import Occlusion
 
 from vizdeconv.images import find_images, load_image
 from vizdeconv.incremental import multiply_adds
-from vizdeconv.layers import trace_chain
+from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel, load_model
 from vizdeconv.occlusion import corners, default_geometry, occlude
 
@@ -65,8 +65,8 @@ def bench(name: str, size: int, stride: int, repeats: int) -> None:
     torch.manual_seed(0)
     module = torchvision.models.get_model(name).eval()
     model = LoadedModel(name, "random", module, None, (3, 224, 224), (0.0,) * 3, (1.0,) * 3, ())
-    chain = trace_chain(model)
-    layer = chain.layer(5)
+    layers = trace_layers(model)
+    layer = layers.layer(5)
     image = torch.randn(3, 224, 224)
     fill = torch.zeros(3)
     ys = xs = corners(224, size, stride)
@@ -85,7 +85,7 @@ def bench(name: str, size: int, stride: int, repeats: int) -> None:
         return torch.cat(maps).view(len(ys), len(xs)).numpy()
 
     def ours(approximate=False):
-        return occlude(model, chain, layer, image, size=size, stride=stride, fill=fill, target=target,
+        return occlude(model, layers, layer, image, size=size, stride=stride, fill=fill, target=target,
                        batch_size=BATCH, approximate=approximate)
 
     occlusion = Occlusion(lambda x: module(x).softmax(1))
@@ -101,7 +101,7 @@ def bench(name: str, size: int, stride: int, repeats: int) -> None:
     rough_time, rough = timed(repeats, lambda: ours(approximate=True))
     inside = ys[-1] + stride  # pixels below/right of this are also covered by Captum's overhanging windows
     expected = spread(maps.prob_true, maps.prob_clean, ys, xs, size, 224, 224)
-    full, incremental = multiply_adds(chain, size, stride)
+    full, incremental = multiply_adds(layers.chain, size, stride)
     windows = -(-(224 - size) // stride) + 1
     print(f"{name}, 224², window {size}, stride {stride}: {len(ys) * len(xs)} positions, batch {BATCH}, "
           f"{torch.get_num_threads()} threads; theoretical multiply-add ratio (full / incremental) "
@@ -120,18 +120,18 @@ def bench(name: str, size: int, stride: int, repeats: int) -> None:
 def approximate_error() -> None:
     """The approximate mode against the exact maps on a trained model: the embedded one, its samples."""
     model = load_model(device="cpu")
-    chain = trace_chain(model)
-    layer = chain.layer(5)
+    layers = trace_layers(model)
+    layer = layers.layer(5)
     size, stride = default_geometry(model.input_size)
     worst, mean, agree, exact_time, rough_time = 0.0, [], [], 0.0, 0.0
     for path in find_images([FASHION])[0]:
         image = model.preprocess(load_image(path, channels=1, background=model.mean))
         arguments = dict(size=size, stride=stride, fill=torch.zeros(1), batch_size=BATCH)
         start = time.perf_counter()
-        exact = occlude(model, chain, layer, image, **arguments)
+        exact = occlude(model, layers, layer, image, **arguments)
         exact_time += time.perf_counter() - start
         start = time.perf_counter()
-        rough = occlude(model, chain, layer, image, approximate=True, **arguments)
+        rough = occlude(model, layers, layer, image, approximate=True, **arguments)
         rough_time += time.perf_counter() - start
         difference = np.abs(rough.prob_true - exact.prob_true)
         worst = max(worst, float(difference.max()))

@@ -7,7 +7,7 @@
    images. Goal: flat.
 3. The projection phase on alexnet: seconds per channel (9 projections, tiles, figure).
 
-    make bench      # or: python benchmarks/bench_scan.py [--images 256] [--batch-size 32]
+    make bench      # or: python benchmarks/bench_scan.py [--images 256] [--batch-size 32] [--memory-images 500]
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import torchvision
 from PIL import Image
 
 from vizdeconv import report
+from vizdeconv.deconv import Deconvnet
 from vizdeconv.images import find_images, read_batches
-from vizdeconv.layers import trace_chain
+from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel, load_model
 from vizdeconv.topk import TopK, hits, project_hits, scan
 
@@ -57,9 +58,15 @@ def random_alexnet() -> LoadedModel:
                        tuple(transforms.mean), tuple(transforms.std), ())
 
 
-def throughput(model: LoadedModel, paths: list[Path], batch_size: int, workers: int) -> None:
-    chain = trace_chain(model)
-    layer = chain.layer(5)
+def deconvnet_at(model: LoadedModel, spec) -> Deconvnet:
+    layers = trace_layers(model)
+    return Deconvnet(model, layers, layers.layer(spec), rule="deconvnet")
+
+
+def scan_rates(deconvnet: Deconvnet, paths: list[Path], batch_size: int, workers: int) -> tuple[float, float]:
+    """Images per second of a plain DataLoader + model loop and of the scan to the deconvnet's layer
+    (top-9 of every channel), alternating twice and keeping the best of each."""
+    model, layer = deconvnet.model, deconvnet.layer
 
     def plain():
         with torch.no_grad():
@@ -68,10 +75,9 @@ def throughput(model: LoadedModel, paths: list[Path], batch_size: int, workers: 
                 model.module(batch.images)
 
     def scanned():
-        top = TopK(range(layer.step.output_shape[0]), 9, model.device)
-        for _ in scan(model, chain, layer, paths, top, batch_size=batch_size, workers=workers):
+        top = TopK(range(layer.output_shape[0]), 9, model.device)
+        for _ in scan(deconvnet, paths, top, batch_size=batch_size, workers=workers):
             pass
-        return top
 
     timings = {"plain": [], "scan": []}
     for _ in range(2):  # alternate, keep the best of each
@@ -79,19 +85,26 @@ def throughput(model: LoadedModel, paths: list[Path], batch_size: int, workers: 
             start = time.perf_counter()
             run()
             timings[name].append(time.perf_counter() - start)
-    plain_rate = len(paths) / min(timings["plain"])
-    scan_rate = len(paths) / min(timings["scan"])
+    return len(paths) / min(timings["plain"]), len(paths) / min(timings["scan"])
+
+
+def throughput(model: LoadedModel, paths: list[Path], batch_size: int, workers: int) -> None:
+    deconvnet = deconvnet_at(model, 5)
+    layer = deconvnet.layer
+    plain_rate, scan_rate = scan_rates(deconvnet, paths, batch_size, workers)
     print(f"alexnet, {len(paths)} images 256², batch {batch_size}, {workers} workers, {torch.get_num_threads()} threads")
     print(f"  plain forward (DataLoader + model):    {plain_rate:7.1f} images/s")
     print(f"  scan (layer 5, top-9 of 256 channels): {scan_rate:7.1f} images/s   ratio {scan_rate / plain_rate:.2f}×")
 
-    top = scanned()
+    top = TopK(range(layer.output_shape[0]), 9, model.device)
+    for _ in scan(deconvnet, paths, top, batch_size=batch_size, workers=workers):
+        pass
     found = hits(top, layer, paths, model.input_size)
     chosen = {c: found[c] for c in list(found)[:16]}
     start = time.perf_counter()
-    tiles = report.make_tiles(model, layer, chosen, project_hits(model, chain, layer, chosen, batch_size=batch_size))
+    tiles = report.make_tiles(model, layer, chosen, project_hits(deconvnet, chosen, batch_size=batch_size))
     with tempfile.TemporaryDirectory() as out:
-        report.write_layer(Path(out), model, layer, 9, chosen, tiles, len(paths), [])
+        report.write_layer(Path(out), model, layer, deconvnet.rule, 9, chosen, tiles, len(paths), [])
     seconds = time.perf_counter() - start
     print(f"  projection phase: {seconds / len(chosen):.2f} s per channel ({len(chosen)} channels × 9, "
           "projections + tiles + figures)")
@@ -99,11 +112,10 @@ def throughput(model: LoadedModel, paths: list[Path], batch_size: int, workers: 
 
 def peak_memory_child(folder: str) -> None:
     model = load_model(device="cpu")
-    chain = trace_chain(model)
-    layer = chain.layer(5)
+    deconvnet = deconvnet_at(model, 5)
     paths = find_images([folder])[0]
-    top = TopK(range(layer.step.output_shape[0]), 9, model.device)
-    for _ in scan(model, chain, layer, paths, top, batch_size=64):
+    top = TopK(range(deconvnet.layer.output_shape[0]), 9, model.device)
+    for _ in scan(deconvnet, paths, top, batch_size=64):
         pass
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
@@ -125,6 +137,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--memory-images", type=int, default=500, help="N for the peak-memory part (N and 10 N)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -133,7 +146,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         paths = make_folder(Path(folder), args.images, sorted(PHOTOS.glob("*")), 256)
         throughput(random_alexnet(), paths, args.batch_size, args.workers)
-    memory(500)
+    memory(args.memory_images)
 
 
 if __name__ == "__main__":
