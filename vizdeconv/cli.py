@@ -165,8 +165,10 @@ def layers(model: LoadedModel, batch_size: int, as_json: bool) -> None:
     for column in ("layer", "module", "type", "output", "RF size/stride", "path"):
         table.add_column(column, no_wrap=True)  # module names are what --layer takes: never cut them
     table.add_column("ops below", overflow="fold", min_width=12)
+    previous = None
     for row in rows:
         below = ", ".join(row["below"]) + (f"; NO RULE: {row['unknown']}" if row["unknown"] else "")
+        below, previous = ("″" if below == previous else below), below  # ditto: long nets repeat their ops
         field = "×".join(map(str, row["rf_size"])) + "/" + "×".join(map(str, row["rf_stride"]))
         table.add_row(str(row["layer"] or ""), escape(row["module"]), row["type"],
                       "×".join(map(str, row["output_shape"])), field, row["path"], escape(below))
