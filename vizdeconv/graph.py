@@ -178,7 +178,7 @@ class _Tracer(TorchFunctionMode):
         output = function(*args, **kwargs)
         name = getattr(function, "__name__", "")
         inputs = [(t, self.values[id(t)]) for t in _tensors((args, kwargs)) if id(t) in self.values]
-        outputs = list(_tensors(output))
+        outputs = list(_tensors(output)) or ([args[0]] if name == "__setitem__" else [])  # x[i] = y writes x
         if not inputs or not outputs or name in ops.IGNORED_NAMES:
             return output
         op = ops.for_call(function)

@@ -99,7 +99,7 @@ def _functions(*names: str, namespaces=(torch, F, torch.Tensor)) -> tuple:
     found = []
     for name in names:
         for space in namespaces:
-            if callable(getattr(space, name, None)) and not isinstance(getattr(space, name), torch.dtype):
+            if callable(getattr(space, name, None)):  # not torch.float, a dtype
                 found.append(getattr(space, name))
     return tuple(dict.fromkeys(found))
 
@@ -157,7 +157,7 @@ RECTIFIER_FUNCTIONS = frozenset(f for op in OPS if op.kind == "rectifier" for f 
 # Calls that are not operations on values: shape queries, creation of constants.
 IGNORED_NAMES = frozenset({"size", "dim", "numel", "shape", "dtype", "device", "__get__", "__len__", "is_floating_point",
                            "zeros", "ones", "randn", "rand", "empty", "full", "arange", "tensor", "zeros_like",
-                           "ones_like", "__format__", "__repr__", "__bool__", "item", "tolist", "stride", "__setitem__",
+                           "ones_like", "__format__", "__repr__", "__bool__", "item", "tolist", "stride",
                            "requires_grad_", "data_ptr", "new_zeros", "new_ones", "new_empty", "new_full",
                            "is_contiguous", "__hash__", "__eq__", "_version", "names", "ndim", "grad_fn",
                            "requires_grad", "is_cuda", "layout", "__iter__"})
@@ -179,7 +179,7 @@ def is_rectifier_call(function, args, kwargs) -> bool:
         return False
     if BY_FUNCTION[function].name == "relu6" and function is not F.relu6 and function is not torch._C._nn.relu6:
         low, high = _argument(args, kwargs, 1, "min_val", -1.0), _argument(args, kwargs, 2, "max_val", 1.0)
-        return (low, high) == (0, 6) or (low, high) == (0.0, 6.0)
+        return (low, high) == (0, 6)
     return True
 
 
