@@ -15,6 +15,7 @@ from oracles import graph_oracle, oracle
 from vizdeconv.cli import main
 from vizdeconv.deconv import Deconvnet
 from vizdeconv.layers import trace_layers
+from vizdeconv.models import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION = ROOT / "sample_images" / "fashion-mnist"
@@ -150,3 +151,35 @@ def test_readme_table_lists_every_operation_and_its_rule():
     readme = (ROOT / "README.md").read_text()
     for op in ops.OPS:
         assert f"| `{op.name}` |" in readme and op.down in readme, op.name
+
+
+FACTORY = ("--model", "factories:functional", "--input-size", "20")
+
+
+def test_layers_of_a_graph_factory_name_every_call_and_rule():
+    result = run("layers", *FACTORY, "--json")
+    assert result.exit_code == 0, result.output
+    rows = {row["module"]: row for row in json.loads(result.stdout)["layers"]}
+    assert {"act@1", "act@2", "summed", "joined", "top"} <= rows.keys() and "act" not in rows
+    assert rows["top"]["path"] == "autograd" and rows["top"]["unknown"] is None
+    assert {"add", "cat", "relu6", "local_response_norm"} <= set(rows["top"]["below"])
+    assert rows["joined"]["rf_size"] == [7, 7] and rows["joined"]["rf_stride"] == [2, 2]
+
+
+def test_deconv_through_a_graph_with_each_rule_matches_the_oracle(tmp_path):
+    image = FASHION / "test00008_sandal.png"
+    result = run("deconv", image, *FACTORY, "--layer", "act", "--out", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "Error: 'act' is called 2 times in one forward pass; pick a call: act@1, act@2"
+    model = load_model("factories:functional", input_size=20, device="cpu")
+    layer = trace_layers(model).layer("joined")
+    for rule in ("deconvnet", "guided", "gradient"):
+        result = run("deconv", image, *FACTORY, "--layer", "joined", "--rule", rule, "--out", tmp_path / rule)
+        assert result.exit_code == 0, result.output
+        (saved,) = (tmp_path / rule / "test00008_sandal").glob("joined_ch*.npz")
+        data = np.load(saved)
+        assert str(data["rule"]) == rule and str(data["module"]) == "joined"
+        expected = graph_oracle(model, layer, torch.from_numpy(data["input"]), (0, int(data["channel"]),
+                                                                               *data["position"].tolist()), rule)
+        np.testing.assert_allclose(data["projection"], expected.numpy(), rtol=1e-4,
+                                   atol=1e-4 * expected.abs().max().item())
