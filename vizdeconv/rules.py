@@ -5,8 +5,9 @@ backprop in which every ReLU's backward is ``relu(R)``; max-pool's backward alre
 the switches, a sum's copies to each branch, concatenation's splits. ``apply_rules`` intercepts
 every call of a rectifier while a model runs (``nn.ReLU`` and ``nn.ReLU6`` modules, ``F.relu``,
 ``torch.relu``, ``Tensor.relu``, in-place forms, ``F.relu6``, ``hardtanh(0, 6)``), so functional
-rectifiers are not missed, and swaps in the rule's backward; local response normalisation is
-skipped on the way down, as in the paper. The model itself is never changed.
+rectifiers are not missed, and swaps in the rule's backward; ops the table marks ``skipped``
+(local response normalisation, as in the paper) pass the signal unchanged. The model itself is
+never changed.
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ class apply_rules(TorchFunctionMode):
             x = args[0]
             y = _Rectifier.apply(x, ops.upper_limit(function), self.rule)
             return x.copy_(y) if ops.is_inplace(function, args, kwargs) else y
-        if function is torch.nn.functional.local_response_norm:
+        op = ops.for_call(function)
+        if op is not None and op.kind == "skipped":  # LRN (and dropout, the identity in eval)
             x = args[0]
-            return x + (function(*args, **kwargs) - x).detach()  # the LRN's value, the identity's backward
+            return x + (function(*args, **kwargs) - x).detach()  # the op's value, the identity's backward
         return function(*args, **kwargs)
 
 
