@@ -233,8 +233,8 @@ class Upsampling(nn.Module):
 def test_an_op_with_no_rule_is_named():
     model = wrap(Upsampling(), (1, 9, 9))
     layers = trace_layers(model)
-    assert layers.layer("relu2").point.unknown == "interpolate"
-    with pytest.raises(LayerError, match=r"no rule for interpolate, which runs below relu2; pick a layer below it"):
+    assert layers.layer("relu2").point.unknown == "torch.nn.functional.interpolate"
+    with pytest.raises(LayerError, match=r"no rule for torch.nn.functional.interpolate, which runs below relu2; pick a layer below it"):
         Deconvnet(model, layers, layers.layer("relu2"))
     below = Deconvnet(model, layers, layers.layer(1))  # below the op: fine
     assert below.walks

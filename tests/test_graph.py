@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from factories import functional
@@ -106,3 +107,54 @@ def test_a_model_that_cannot_be_traced_gives_one_line():
     with pytest.raises(LayerError, match=r"^cannot trace m: its forward pass on a \(1, 1, 8, 8\) input raised "
                                          r"ValueError: expected 17 columns$"):
         trace_layers(wrap(Fussy(), (1, 8, 8)))
+
+
+class Around(nn.Module):
+    """conv → ``mix`` → 1×1 conv → ReLU, on 8 channels of an 8 × 8 map (as many channels as rows)."""
+
+    def __init__(self, mix):
+        super().__init__()
+        self.c1, self.c2, self.r = nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 3, 1), nn.ReLU()
+        self.register_buffer("w", torch.rand(8, 8, 1, 8) + 0.1)
+        self.register_buffer("m", torch.rand(8, 8) + 0.1)
+        self.register_buffer("order", torch.randperm(8))
+        self.mix = mix
+
+    def forward(self, x):
+        return self.r(self.c2(self.mix(self, self.c1(x))))
+
+
+def _write_through_view(module, h):
+    out = h.clone()
+    out[:, :, 3:] += h[:, :, :-3]
+    return out
+
+
+MIXES = {
+    "a gate from a strip conv": lambda m, h: h * torch.sigmoid(F.conv2d(h, m.w)),
+    "a map plus its transpose": lambda m, h: h + h.transpose(2, 3),
+    "layer norm over (C, H, W)": lambda m, h: F.layer_norm(h, h.shape[1:]),
+    "reflect padding": lambda m, h: F.avg_pool2d(F.pad(h, (1, 1, 1, 1), mode="reflect"), 3, 1),
+    "matmul with the map on the right": lambda m, h: torch.matmul(m.m, h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2),
+    "a write through a view": _write_through_view,
+    "rows reordered by an index": lambda m, h: h[:, :, m.order],
+    "one row broadcast (channels = rows)": lambda m, h: h + h[:, :, 0].unsqueeze(2),
+}
+
+
+@pytest.mark.parametrize("mix", MIXES.values(), ids=MIXES.keys())
+def test_fields_contain_the_support_where_positions_mix(mix):
+    torch.manual_seed(0)
+    model = wrap(Around(mix), (2, 8, 8))
+    point = trace_layers(model).graph.point("r")
+    copied = linearised(model.module)
+    for y, x in [(0, 0), (0, 7), (4, 4), (7, 7)]:
+        y0, x0, y1, x1 = support_box(copied, model.input_size, "r", 0, y, x)
+        b0, c0, b1, c1 = point.field.box(y, x, 8, 8)
+        assert b0 <= y0 and c0 <= x0 and b1 >= y1 and c1 >= x1, (y, x)
+
+
+def test_a_module_without_a_map_is_explained():
+    layers = trace_layers(functional_model())
+    with pytest.raises(LayerError, match=r"^module 'fc' has no \(C, H, W\) output to project from; "):
+        layers.layer("fc")

@@ -102,3 +102,22 @@ def test_occlude_on_resnet18_equals_a_brute_force_loop(resnet18):
             assert maps.prob_true[i, j] == pytest.approx(probabilities[target].item(), abs=1e-5)
             assert maps.top_class[i, j] == int(probabilities.argmax())
             assert maps.feature_total[i, j] == pytest.approx(activations[0, channel].sum().item(), rel=1e-5)
+
+
+def test_incremental_occlusion_leaves_out_convs_that_pad_with_reflections():
+    from oracles import wrap
+    from torch import nn
+
+    torch.manual_seed(3)
+    module = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.MaxPool2d(2),
+                           nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                           nn.Linear(4, 3))
+    model = wrap(module, (2, 12, 12), categories=("a", "b", "c"))
+    layers = trace_layers(model)
+    layer = layers.layer("4")
+    image = torch.randn(2, 12, 12)
+    arguments = dict(size=3, stride=1, fill=torch.zeros(2), batch_size=16)
+    exact = occlude(model, layers, layer, image, **arguments)
+    brute = occlude(model, layers, layer, image, brute_force=True, **arguments)
+    np.testing.assert_allclose(exact.feature_total, brute.feature_total, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(exact.prob_true, brute.prob_true, atol=1e-6)

@@ -20,9 +20,11 @@ from vizdeconv.models import LoadedModel
 
 def test_alexnet_layers_by_hand(alexnet):
     every = trace_layers(alexnet).describe()
-    # one row per (C, H, W) module output: the 13 modules of `features`, then `features` itself
-    assert [r["module"] for r in every] == [f"features.{i}" for i in range(13)] + ["features"]
-    assert [r["path"] for r in every] == ["walk"] * 13 + ["autograd"]
+    # one row per (C, H, W) module output: the 13 modules of `features`, `features` itself, and the
+    # adaptive pool, which at 224² maps 6×6 to 6×6 (the identity, so the same field)
+    assert [r["module"] for r in every] == [f"features.{i}" for i in range(13)] + ["features", "avgpool"]
+    assert [r["path"] for r in every] == ["walk"] * 13 + ["autograd", "walk"]
+    assert every[-1]["rf_size"] == every[-2]["rf_size"] == [195, 195]
     assert all(r["unknown"] is None for r in every)
     rows = [r for r in every if r["layer"] is not None]
     assert [r["layer"] for r in rows] == [1, 2, 3, 4, 5] and {r["type"] for r in rows} == {"ReLU"}
@@ -95,7 +97,7 @@ def test_layer_lookup_and_errors(alexnet):
     assert pooled.number is None and pooled.output_shape == (256, 6, 6) and pooled.chain_index == 12
     assert pooled.label == "features.12"
     with pytest.raises(LayerError, match=r"no layer 'features.99'; nearest: features.9, features.8, .*"
-                                         r"\(`vizdeconv layers` lists all 14\)"):
+                                         r"\(`vizdeconv layers` lists all 15\)"):
         layers.layer("features.99")
     with pytest.raises(LayerError, match=r"no layer '6'; conv layers: 1 = features.1, 2 = features.4, 3 = features.7, "
                                          r"4 = features.9, 5 = features.11 \(numbers stop where the plain chain ends"):
@@ -145,7 +147,7 @@ def test_chain_stops_at_a_residual_sum():
     assert block.field == Field((43, 43), (4, 4), (-21, -21))  # 7/2 conv, 3/2 pool, four 3×3 convs
     rows = {row["module"]: row for row in layers.describe()}
     assert rows["layer1.0.relu@1"]["path"] == "walk" and rows["layer1"]["path"] == "autograd"
-    residual_sum = ops.for_call(torch.Tensor.__iadd__).name  # `out += identity`
+    residual_sum = ops.for_call(torch.Tensor.add_).name  # `out += identity` reaches torch as add_
     assert residual_sum in rows["layer1"]["below"] and residual_sum not in rows["layer1.0.relu@1"]["below"]
     assert rows["layer1.0.relu@1"]["layer"] == 2
     assert layers.last().name == "layer4"

@@ -97,3 +97,16 @@ def test_rules_leave_the_model_and_torch_as_they_were():
 def test_an_unknown_rule_is_one_line():
     with pytest.raises(VizDeconvError, match=r"^unknown rule 'lrp'; expected one of deconvnet, guided, gradient$"):
         apply_rules("lrp")
+
+
+def test_hardtanh_is_a_rectifier_only_from_zero():
+    y = torch.tensor([-2.0, 0.5, 3.0], requires_grad=True)
+    signal = torch.tensor([1.0, -1.0, 1.0])
+    with apply_rules("deconvnet"):
+        clipped = F.hardtanh(y, 0.0, 1.0)  # a clipped ReLU: relu(R)
+        plain = F.hardtanh(y)  # -1..1: its own gradient, 1 inside, 0 outside
+        keyword = torch.relu(input=y)
+    assert torch.equal(clipped, torch.tensor([0.0, 0.5, 1.0]))
+    assert torch.equal(torch.autograd.grad(clipped, y, signal)[0], torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.equal(torch.autograd.grad(plain, y, signal)[0], torch.tensor([0.0, -1.0, 0.0]))
+    assert torch.equal(torch.autograd.grad(keyword, y, signal)[0], torch.tensor([1.0, 0.0, 1.0]))

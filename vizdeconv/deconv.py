@@ -77,7 +77,7 @@ class Deconvnet:
         with torch.enable_grad(), apply_rules(self.rule), PointRecorder(self.model.module, self.layer.point) as recorder:
             for image in images:
                 inputs.append(image[None].detach().requires_grad_(True))
-                outputs.append(recorder.run(inputs[-1]))
+                outputs.append(recorder.run(inputs[-1].clone()))  # clone: a model may work on its input in place
         return Forward(activations=torch.cat(outputs).detach(), inputs=inputs, outputs=outputs)
 
     def project(self, forward: Forward, seeds: torch.Tensor) -> torch.Tensor:

@@ -106,11 +106,16 @@ class Graph:
             if point.name == name:
                 return point
         module, _, call = name.partition("@")
-        if self.calls.get(module, 0) > 1 and not call:
+        calls = [p.name for p in self.points if p.module_name == module]
+        if self.calls.get(module, 0) > 1 and not call and calls:
             raise LayerError(f"{name!r} is called {self.calls[module]} times in one forward pass; pick a call: "
-                             + ", ".join(f"{module}@{i}" for i in range(1, self.calls[module] + 1)))
+                             + ", ".join(calls))
+        if module in self.types and not calls:
+            why = "is never called in a forward pass" if module not in self.calls else \
+                "has no (C, H, W) output to project from"
+            raise LayerError(f"module {module!r} {why}; `vizdeconv layers` lists the layers")
         names = [p.name for p in self.points]
-        near = difflib.get_close_matches(name, names, n=5, cutoff=0.5) or names[:3] + names[-3:]
+        near = difflib.get_close_matches(name, names, n=5, cutoff=0.5) or list(dict.fromkeys(names[:3] + names[-3:]))
         raise LayerError(f"no layer {name!r}; nearest: {', '.join(near)} (`vizdeconv layers` lists all "
                          f"{len(names)})")
 
@@ -181,34 +186,52 @@ class _Tracer(TorchFunctionMode):
         outputs = list(_tensors(output)) or ([args[0]] if name == "__setitem__" else [])  # x[i] = y writes x
         if not inputs or not outputs or name in ops.IGNORED_NAMES:
             return output
-        op = ops.for_call(function)
+        op = ops.for_call(function, args, kwargs)
         below = frozenset().union(*(v.below for _, v in inputs)) | {op.name if op else name}
         unknown = next((v.unknown for _, v in inputs if v.unknown), None)
         if op is None:
-            unknown = unknown or f"{getattr(function, '__qualname__', name)}"
+            unknown = unknown or torch.overrides.resolve_name(function) or getattr(function, "__qualname__", name)
         for out in outputs:
             fld, spatial = self._geometry(op, function, args, kwargs, inputs, out)
             self._set(out, Value(fld, spatial, below, unknown))
+            base = out._base
+            if base is not None and id(base) in self.values and (name.endswith("_") or name == "__setitem__"):
+                # A write through a view: where it lands in the base is not followed, so the base's
+                # units may now see anything.
+                old = self.values[id(base)]
+                self._set(base, Value(self.whole, old.spatial, old.below | below, old.unknown or unknown))
         return output
 
     def _geometry(self, op, function, args, kwargs, inputs, out) -> tuple[Field, tuple[int, int] | None]:
         # The input the output is shaped after: for a broadcast product, the map, not the gate.
-        first, value = next(((t, v) for t, v in inputs if t.shape == out.shape), inputs[0])
+        first, value = next(((t, v) for t, v in inputs if t.shape == out.shape and v.spatial is not None),
+                            next(((t, v) for t, v in inputs if t.shape == out.shape), inputs[0]))
         if op is None:  # no rule: nothing below can be projected through it, but the points above it exist
             return self.whole, ((out.dim() - 2, out.dim() - 1) if out.dim() == 4 else None)
-        if op.kind == "global" and _mixes_positions(op, function, args, kwargs, first, value):
-            return self.whole, None
+        if (op.kind == "global" or op.name == "batch_norm") and _mixes_positions(op, function, args, kwargs, first,
+                                                                                   value, out):
+            return self.whole, (value.spatial if out.shape == first.shape else None)
         if op.geometry is not None:
+            last_two = (out.dim() - 2, out.dim() - 1)
             if value.spatial != (first.dim() - 2, first.dim() - 1):
-                return self.whole, None
-            if value.field.whole_image:
-                return self.whole, (out.dim() - 2, out.dim() - 1)
-            return _grow(value.field, [op.geometry(args, kwargs, first.shape, axis) for axis in (0, 1)]), \
-                (out.dim() - 2, out.dim() - 1)
-        spatial = _spatial_after(function, args, first, value, out)
+                return self.whole, (last_two if out.dim() == 4 else None)
+            if value.field.whole_image or _mixes_anyway(op, function, args, kwargs):
+                return self.whole, last_two
+            return _grow(value.field, [op.geometry(args, kwargs, first.shape, axis) for axis in (0, 1)]), last_two
+        spatial = _spatial_after(function, args, kwargs, first, value, out)
         if spatial is None:
             return self.whole, None
+        sizes = (out.shape[spatial[0]], out.shape[spatial[1]])
+        if len(inputs) > 1 and any(v.spatial != spatial or (t.shape[spatial[0]], t.shape[spatial[1]]) != sizes
+                                   for t, v in inputs):
+            return self.whole, spatial  # a broadcast gate, or maps laid out differently: positions mix
         return _union([v.field for _, v in inputs], self.whole), spatial
+
+
+def _mixes_anyway(op, function, args, kwargs) -> bool:
+    """Calls of a local op that reach past its window: reflect or circular padding."""
+    return op.name == "pad" and kwargs.get("mode", args[2] if len(args) > 2 else "constant") not in ("constant",
+                                                                                                    "replicate")
 
 
 def _tensors(tree):
@@ -240,10 +263,12 @@ def _union(fields: list[Field], whole: Field) -> Field:
     return Field((end[0] - start[0], end[1] - start[1]), fields[0].stride, tuple(start))
 
 
-def _reduced_dims(function, args, kwargs, ndim: int) -> set[int]:
+def _reduced_dims(function, args, kwargs, ndim: int, operand: torch.Tensor) -> set[int]:
     name = getattr(function, "__name__", "")
-    if name in ("linear", "matmul", "__matmul__"):
+    if name == "linear":
         return {ndim - 1}
+    if name == "matmul":  # the left operand's rows mix along its last dim, the right one's along dim -2
+        return {ndim - 1} if args[0] is operand else {ndim - 2}
     if name == "layer_norm":
         shape = args[1] if len(args) > 1 else kwargs["normalized_shape"]
         return set(range(ndim - len(shape), ndim))
@@ -253,32 +278,74 @@ def _reduced_dims(function, args, kwargs, ndim: int) -> set[int]:
     return {d % ndim for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
 
 
-def _mixes_positions(op, function, args, kwargs, first, value) -> bool:
+def _mixes_positions(op, function, args, kwargs, first, value, out) -> bool:
     """Whether a reduction-like op mixes rows or columns (else it acts on channels only)."""
     if value.spatial is None:
         return True
     if op.name in ("adaptive_avg_pool2d", "adaptive_max_pool2d"):
-        return True
-    return bool(_reduced_dims(function, args, kwargs, first.dim()) & set(value.spatial))
+        return out.shape[-2:] != first.shape[-2:]  # to the same size it is the identity
+    if op.name == "batch_norm":  # batch statistics mix every position; running statistics do not
+        running = args[1] if len(args) > 1 else kwargs.get("running_mean")
+        return running is None or bool(args[5] if len(args) > 5 else kwargs.get("training", False))
+    return bool(_reduced_dims(function, args, kwargs, first.dim(), first) & set(value.spatial))
 
 
-def _spatial_after(function, args, first: torch.Tensor, value: Value, out: torch.Tensor) -> tuple[int, int] | None:
+def _spatial_after(function, args, kwargs, first: torch.Tensor, value: Value, out: torch.Tensor
+                   ) -> tuple[int, int] | None:
     """Where rows and columns are in ``out`` after a pointwise or shape op, or None if they were mixed."""
     if value.spatial is None:
         return None
     name = getattr(function, "__name__", "")
     rows, cols = value.spatial
+    ndim = first.dim()
     if name == "permute":
-        order = list(args[1:]) if not isinstance(args[1], (tuple, list)) else list(args[1])
-        order = [d % first.dim() for d in order]
+        order = args[1:] if len(args) > 1 and not isinstance(args[1], (tuple, list)) else \
+            (args[1] if len(args) > 1 else kwargs["dims"])
+        order = [d % ndim for d in order]
         return order.index(rows), order.index(cols)
     if name == "transpose":
-        a, b = (d % first.dim() for d in args[1:3])
+        a, b = (d % ndim for d in (list(args[1:3]) or [kwargs["dim0"], kwargs["dim1"]]))
         swap = {a: b, b: a}
         return swap.get(rows, rows), swap.get(cols, cols)
+    if name == "__getitem__":
+        return _spatial_after_index(args[1], ndim, value.spatial, first, out)
+    if name in ("select", "narrow"):
+        dim = (args[1] if len(args) > 1 else kwargs["dim"]) % ndim
+        if dim in value.spatial:
+            return None
+        shift = 1 if name == "select" and dim < rows else 0
+        return rows - shift, cols - shift
     sizes = (first.shape[rows], first.shape[cols])
-    if out.dim() == first.dim() and (out.shape[rows], out.shape[cols]) == sizes:
+    if out.dim() == ndim and (out.shape[rows], out.shape[cols]) == sizes:
         return value.spatial  # same rank, rows and columns in place: pointwise, channel ops
-    if value.spatial == (first.dim() - 2, first.dim() - 1) and out.dim() >= 2 and tuple(out.shape[-2:]) == sizes:
-        return out.dim() - 2, out.dim() - 1  # channels regrouped or dropped, positions still last
+    if value.spatial == (ndim - 2, ndim - 1) and out.dim() >= 2 and tuple(out.shape[-2:]) == sizes:
+        return out.dim() - 2, out.dim() - 1  # channels regrouped (view, unsqueeze), positions still last
     return None
+
+
+def _spatial_after_index(index, ndim: int, spatial: tuple[int, int], first: torch.Tensor, out: torch.Tensor
+                         ) -> tuple[int, int] | None:
+    """Rows and columns after ``first[index]``: kept only where the index leaves them whole."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(not (isinstance(i, (int, slice)) or i is None or i is Ellipsis) for i in index):
+        return None  # tensors, lists, masks: positions may be reordered
+    used = sum(1 for i in index if i is not None and i is not Ellipsis)
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (ndim - used) + index[at + 1:]
+    else:
+        index = index + (slice(None),) * (ndim - used)
+    where, dim, kept = {}, 0, 0
+    for i in index:
+        if i is None:
+            kept += 1
+            continue
+        if isinstance(i, slice):
+            if dim in spatial and i.indices(first.shape[dim]) != (0, first.shape[dim], 1):
+                return None  # part of the rows or columns: their offsets would change
+            where[dim] = kept
+            kept += 1
+        elif dim in spatial:
+            return None
+        dim += 1
+    return where[spatial[0]], where[spatial[1]]

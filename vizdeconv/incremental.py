@@ -25,7 +25,7 @@ from vizdeconv.layers import Chain, Layer, Layers, Step
 def _behaviour(module: nn.Module) -> str | None:
     """``pointwise``, ``local`` (a conv or max-pool, run on regions) or None (run in full from here)."""
     op = ops.for_module(module)
-    if op is None or op.occlusion == "local" and op.name not in ("conv2d", "max_pool2d"):
+    if op is None or (op.occlusion == "local" and op.name not in ("conv2d", "max_pool2d")):
         return None
     return op.occlusion if op.occlusion in ("pointwise", "local") else None
 

@@ -69,13 +69,7 @@ def _is_rectifier(module: nn.Module) -> bool:
 
 def _walkable(module: nn.Module) -> bool:
     op = ops.for_module(module)
-    if op is None or op.name not in WALKED:
-        return False
-    if isinstance(module, nn.Conv2d):
-        return module.padding_mode == "zeros"
-    if isinstance(module, nn.BatchNorm2d):
-        return module.running_var is not None
-    return True
+    return op is not None and op.name in WALKED
 
 
 def trace_chain(model: LoadedModel) -> Chain:
@@ -171,7 +165,13 @@ class Layers:
     chain: Chain
 
     def numbered(self) -> list[Layer]:
-        return [self._layer(self._point_of(step), number, conv.name) for number, step, conv in self.chain.numbered()]
+        numbered = []
+        for number, step, conv in self.chain.numbered():
+            point = self._point_of(step)
+            if point is None:  # no (C, H, W) output (after global pooling): numbers stop here
+                break
+            numbered.append(self._layer(point, number, conv.name))
+        return numbered
 
     def layer(self, spec: int | str) -> Layer:
         """Resolve ``5``, ``"5"``, a module name (``layer3``, ``features.8``) or one call (``relu@2``).
@@ -206,9 +206,9 @@ class Layers:
             raise LayerError("the model has no module with a (C, H, W) output to project from")
         return self._layer(self.graph.points[-1])
 
-    def _point_of(self, step: Step) -> Point:
+    def _point_of(self, step: Step) -> Point | None:
         call = sum(1 for s in self.chain.steps[: step.index] if s.module is step.module)
-        return next(p for p in self.graph.points if p.module_name == step.name and p.call == call)
+        return next((p for p in self.graph.points if p.module_name == step.name and p.call == call), None)
 
     def _layer(self, point: Point, number: int | None = None, conv: str | None = None) -> Layer:
         seen: Counter = Counter()

@@ -104,21 +104,23 @@ def _functions(*names: str, namespaces=(torch, F, torch.Tensor)) -> tuple:
     return tuple(dict.fromkeys(found))
 
 
-ELEMENTWISE_ARITHMETIC = ("add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__isub__",
-                          "__rsub__")
-PRODUCTS = ("mul", "mul_", "__mul__", "__imul__", "__rmul__", "div", "div_", "__truediv__", "__itruediv__")
+# Python's operators reach a TorchFunctionMode by these names (x + y as add, 1 - x as __rsub__, x @ y as matmul).
+ELEMENTWISE_ARITHMETIC = ("add", "add_", "sub", "sub_", "__rsub__", "neg", "neg_")
+PRODUCTS = ("mul", "mul_", "div", "div_", "__rdiv__")
 REDUCTIONS = ("mean", "sum")
 NONLINEAR = ("gelu", "silu", "silu_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "sigmoid", "sigmoid_",
-             "tanh", "tanh_", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu", "softplus", "mish", "prelu")
+             "tanh", "tanh_", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu", "softplus", "mish", "prelu",
+             "pow")
 SHAPE = ("view", "reshape", "flatten", "permute", "transpose", "contiguous", "clone", "chunk", "split", "__getitem__",
-         "unsqueeze", "squeeze", "expand", "expand_as", "narrow", "select", "to", "float", "detach", "type_as")
+         "unsqueeze", "squeeze", "expand", "expand_as", "narrow", "select", "to", "float", "type_as")
 
 OPS: tuple[Op, ...] = (
     Op("relu", "rectifier", "rectifier rule (--rule)", "pointwise",
        _functions("relu", "relu_") + (torch.Tensor.relu, torch.Tensor.relu_), (nn.ReLU,)),
-    Op("relu6", "rectifier", "rectifier rule (--rule); clipped at 6 going up", "pointwise",
+    Op("relu6", "rectifier", "rectifier rule (--rule); clipped at 6 (or hardtanh's max) going up", "pointwise",
        (F.relu6, F.hardtanh, F.hardtanh_, torch._C._nn.relu6, torch._C._nn.hardtanh, torch._C._nn.hardtanh_),
        (nn.ReLU6,)),
+    Op("hardtanh", "pointwise", "its ordinary local gradient (a hardtanh whose minimum is not 0)", "pointwise"),
     Op("conv2d", "local", "transposed conv with the same weights, no bias", "local", (torch.conv2d,), (nn.Conv2d,),
        _conv_geometry),
     Op("max_pool2d", "max-pool", "unpooled through the switches (overlapping windows add up)", "local",
@@ -131,13 +133,13 @@ OPS: tuple[Op, ...] = (
        (nn.BatchNorm2d,)),
     Op("local_response_norm", "skipped", "skipped, as in the paper (plain gradient with --rule gradient)",
        "pointwise", (F.local_response_norm,), (nn.LocalResponseNorm,)),
-    Op("dropout", "skipped", "identity (eval)", "pointwise", (F.dropout, F.dropout2d, F.alpha_dropout,
+    Op("dropout", "skipped", "identity (eval; nn.Identity too)", "pointwise", (F.dropout, F.dropout2d, F.alpha_dropout,
                                                               F.feature_alpha_dropout), (nn.Dropout, nn.Identity)),
     Op("add", "pointwise", "copied to each branch (residual sums)", "pointwise", _functions(*ELEMENTWISE_ARITHMETIC)),
     Op("product", "pointwise", "local gradient: each factor's signal scaled by the other factor", "pointwise",
        _functions(*PRODUCTS)),
     Op("nonlinearity", "pointwise", "its ordinary local gradient (not rectified)", "pointwise",
-       _functions(*NONLINEAR, namespaces=(torch, F, torch.Tensor, torch._C._nn)) + (F.layer_norm,),
+       _functions(*NONLINEAR, namespaces=(torch, F, torch.Tensor, torch._C._nn)),
        (nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh)),
     Op("cat", "pointwise", "split between the inputs", "pointwise", (torch.cat, torch.concat)),
     Op("reshape", "shape", "reshaped back", "pointwise", _functions(*SHAPE)),
@@ -146,53 +148,59 @@ OPS: tuple[Op, ...] = (
     Op("adaptive_max_pool2d", "global", "unpooled through the switches", "global",
        (F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices), (nn.AdaptiveMaxPool2d,)),
     Op("reduce", "global", "spread evenly over the reduced positions", "global", _functions(*REDUCTIONS)),
-    Op("linear", "global", "transposed weights", "global", (F.linear, torch.matmul, torch.Tensor.__matmul__),
+    Op("layer_norm", "global", "its local gradient (pointwise when it normalises channels only)", "global",
+       (F.layer_norm,)),
+    Op("linear", "global", "transposed weights", "global", (F.linear, torch.matmul, torch.Tensor.matmul),
        (nn.Linear,)),
     Op("softmax", "global", "its local gradient", "global", _functions("softmax", "log_softmax")),
 )
 
 BY_FUNCTION: dict = {function: op for op in OPS for function in op.functions}
 BY_MODULE: dict = {module: op for op in OPS for module in op.modules}
-RECTIFIER_FUNCTIONS = frozenset(f for op in OPS if op.kind == "rectifier" for f in op.functions)
-# Calls that are not operations on values: shape queries, creation of constants.
-IGNORED_NAMES = frozenset({"size", "dim", "numel", "shape", "dtype", "device", "__get__", "__len__", "is_floating_point",
-                           "zeros", "ones", "randn", "rand", "empty", "full", "arange", "tensor", "zeros_like",
-                           "ones_like", "__format__", "__repr__", "__bool__", "item", "tolist", "stride",
-                           "requires_grad_", "data_ptr", "new_zeros", "new_ones", "new_empty", "new_full",
-                           "is_contiguous", "__hash__", "__eq__", "_version", "names", "ndim", "grad_fn",
-                           "requires_grad", "is_cuda", "layout", "__iter__"})
+HARDTANH = next(op for op in OPS if op.name == "hardtanh")
+# Calls that make constants from a tensor (its shape, dtype): not operations on its values.
+IGNORED_NAMES = frozenset({"zeros_like", "ones_like", "empty_like", "new_zeros", "new_ones", "new_empty", "new_full",
+                           "new_tensor", "size", "dim", "numel", "stride", "item", "tolist"})
 
 
-def for_call(function) -> Op | None:
-    """The op a torch callable performs, or None if vizdeconv has no rule for it."""
-    return BY_FUNCTION.get(function)
+def for_call(function, args=(), kwargs=None) -> Op | None:
+    """The op a call performs, or None if vizdeconv has no rule for it (a hardtanh is a clipped
+    rectifier only when its minimum is 0)."""
+    op = BY_FUNCTION.get(function)
+    if op is not None and op.name == "relu6" and _hardtanh_limits(function, args, kwargs or {})[0] != 0:
+        return HARDTANH
+    return op
 
 
 def for_module(module: nn.Module) -> Op | None:
-    """The op a module performs by itself (exact type: a subclass may do more), or None."""
-    return BY_MODULE.get(type(module))
+    """The op a module performs by itself, exactly as the table describes it, or None: exact types
+    only (a subclass may do more), convs that pad with zeros, BatchNorm with running statistics."""
+    op = BY_MODULE.get(type(module))
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        return None
+    if isinstance(module, nn.BatchNorm2d) and (module.running_var is None or module.training):
+        return None
+    return op
 
 
-def is_rectifier_call(function, args, kwargs) -> bool:
-    """ReLU in every form, and ReLU6 (``relu6`` or ``hardtanh(0, 6)``)."""
-    if function not in RECTIFIER_FUNCTIONS:
+def _hardtanh_limits(function, args, kwargs) -> tuple[float, float]:
+    if getattr(function, "__name__", "") in ("relu6", "relu6_"):
+        return 0.0, 6.0
+    return _argument(args, kwargs, 1, "min_val", -1.0), _argument(args, kwargs, 2, "max_val", 1.0)
+
+
+def rectifier_limit(function, args, kwargs) -> float | None | bool:
+    """For a rectifier call, its upper limit (None for ReLU, 6 for ReLU6, the max of a
+    ``hardtanh(0, max)``); False for any other call."""
+    op = for_call(function, args, kwargs)
+    if op is None or op.kind != "rectifier":
         return False
-    if BY_FUNCTION[function].name == "relu6" and function is not F.relu6 and function is not torch._C._nn.relu6:
-        low, high = _argument(args, kwargs, 1, "min_val", -1.0), _argument(args, kwargs, 2, "max_val", 1.0)
-        return (low, high) == (0, 6)
-    return True
+    return None if op.name == "relu" else float(_hardtanh_limits(function, args, kwargs)[1])
 
 
-def upper_limit(function) -> float | None:
-    """6 for ReLU6's forms, None for ReLU's."""
-    return 6.0 if BY_FUNCTION[function].name == "relu6" else None
-
-
-def is_inplace(function, args, kwargs) -> bool:
+def is_inplace(function, kwargs) -> bool:
     """Whether a rectifier call overwrites its input (``relu_``, ``inplace=True``)."""
-    name = getattr(function, "__name__", "")
-    position = 3 if name == "hardtanh" else 1
-    return name.endswith("_") or bool(_argument(args, kwargs, position, "inplace", False))
+    return getattr(function, "__name__", "").endswith("_") or bool(kwargs.get("inplace", False))
 
 
 def module_geometry(module: nn.Module, axis: int) -> Geometry:

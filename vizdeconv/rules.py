@@ -54,13 +54,14 @@ class apply_rules(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.rule == "gradient":
             return function(*args, **kwargs)
-        if ops.is_rectifier_call(function, args, kwargs):
-            x = args[0]
-            y = _Rectifier.apply(x, ops.upper_limit(function), self.rule)
-            return x.copy_(y) if ops.is_inplace(function, args, kwargs) else y
-        op = ops.for_call(function)
+        limit = ops.rectifier_limit(function, args, kwargs)
+        if limit is not False:
+            x = args[0] if args else kwargs["input"]
+            y = _Rectifier.apply(x, limit, self.rule)
+            return x.copy_(y) if ops.is_inplace(function, kwargs) else y
+        op = ops.for_call(function, args, kwargs)
         if op is not None and op.kind == "skipped":  # LRN (and dropout, the identity in eval)
-            x = args[0]
+            x = args[0] if args else kwargs["input"]
             return x + (function(*args, **kwargs) - x).detach()  # the op's value, the identity's backward
         return function(*args, **kwargs)
 

@@ -103,7 +103,7 @@ class SwitchRecorder:
         return self.recorded
 
 
-class _Reached(Exception):
+class _Reached(BaseException):  # not an Exception: a model's own ``except Exception`` must not swallow it
     """Raised by a hook to end a forward pass once the recorded layer has run."""
 
 
