@@ -155,11 +155,11 @@ def layers(model: LoadedModel, batch_size: int, as_json: bool) -> None:
     """List every layer: module output, shape, receptive field, and how the deconvnet passes below it."""
     found = trace_layers(model)
     rows = found.describe()
+    seen = {name for row in rows for name in row["below"]}
     if as_json:
         out.print_json(json.dumps({"model": model.name, "input_size": list(model.input_size),
                                    "chain_end": found.chain.end, "layers": rows,
-                                   "ops": [row for row in ops.table()
-                                           if any(row["op"] in r["below"] for r in rows)]}))
+                                   "ops": [row for row in ops.table() if row["op"] in seen]}))
         return
     table = Table(title=f"{model.name}: input {'×'.join(map(str, model.input_size))}; layer N = ReLU of conv N")
     for column in ("layer", "module", "type", "output", "RF size/stride", "path"):
@@ -173,7 +173,6 @@ def layers(model: LoadedModel, batch_size: int, as_json: bool) -> None:
         table.add_row(str(row["layer"] or ""), escape(row["module"]), row["type"],
                       "×".join(map(str, row["output_shape"])), field, row["path"], escape(below))
     out.print(table)
-    seen = {name for row in rows for name in row["below"]}
     for op in ops.OPS:
         if op.name in seen:
             out.print(f"  {op.name}: {escape(op.down)}")

@@ -51,8 +51,7 @@ class Deconvnet:
             raise LayerError(f"vizdeconv has no rule for {layer.point.unknown}, which runs below {layer.label}; "
                              "pick a layer below it (the README lists the ops it knows)")
         self.model, self.layers, self.layer, self.rule = model, layers, layer, rule
-        self.walks = rule == "deconvnet" and layer.chain_index is not None and \
-            layers.chain.walkable(layer.chain_index)
+        self.walks = rule == "deconvnet" and layers.walks(layer)
 
     @property
     def path(self) -> str:

@@ -217,7 +217,7 @@ class _Tracer(TorchFunctionMode):
                 return self.whole, (last_two if out.dim() == 4 else None)
             if value.field.whole_image or _mixes_anyway(op, function, args, kwargs):
                 return self.whole, last_two
-            return _grow(value.field, [op.geometry(args, kwargs, first.shape, axis) for axis in (0, 1)]), last_two
+            return _grow(value.field, [op.geometry(args, kwargs, axis) for axis in (0, 1)]), last_two
         spatial = _spatial_after(function, args, kwargs, first, value, out)
         if spatial is None:
             return self.whole, None
@@ -308,7 +308,7 @@ def _spatial_after(function, args, kwargs, first: torch.Tensor, value: Value, ou
         swap = {a: b, b: a}
         return swap.get(rows, rows), swap.get(cols, cols)
     if name == "__getitem__":
-        return _spatial_after_index(args[1], ndim, value.spatial, first, out)
+        return _spatial_after_index(args[1], value.spatial, first)
     if name in ("select", "narrow"):
         dim = (args[1] if len(args) > 1 else kwargs["dim"]) % ndim
         if dim in value.spatial:
@@ -323,9 +323,9 @@ def _spatial_after(function, args, kwargs, first: torch.Tensor, value: Value, ou
     return None
 
 
-def _spatial_after_index(index, ndim: int, spatial: tuple[int, int], first: torch.Tensor, out: torch.Tensor
-                         ) -> tuple[int, int] | None:
+def _spatial_after_index(index, spatial: tuple[int, int], first: torch.Tensor) -> tuple[int, int] | None:
     """Rows and columns after ``first[index]``: kept only where the index leaves them whole."""
+    ndim = first.dim()
     index = index if isinstance(index, tuple) else (index,)
     if any(not (isinstance(i, (int, slice)) or i is None or i is Ellipsis) for i in index):
         return None  # tensors, lists, masks: positions may be reordered

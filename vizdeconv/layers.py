@@ -182,20 +182,20 @@ class Layers:
         Raises:
             LayerError: one line, with the valid numbers or the nearest names.
         """
-        named = any(p.name == str(spec) for p in self.graph.points)  # nn.Sequential names modules "0", "1", …
-        if isinstance(spec, int) or str(spec).isdigit():
-            numbered = self.numbered()
+        spec, numbered = str(spec), self.numbered()
+        if spec.isdigit():
             if 1 <= int(spec) <= len(numbered):
                 return numbered[int(spec) - 1]
-        if (isinstance(spec, int) or str(spec).isdigit()) and not named:
-            listed = ", ".join(f"{layer.number} = {layer.name}" for layer in numbered) or "none"
-            raise LayerError(f"no layer {str(spec)!r}; conv layers: {listed} (numbers stop where the plain chain "
-                             f"ends, at {self.chain.end}); or a module name, see `vizdeconv layers`")
-        point = self.graph.point(str(spec))
-        for layer in self.numbered():
-            if layer.point == point:
-                return layer
-        return self._layer(point)
+            if not any(p.name == spec for p in self.graph.points):  # nn.Sequential names modules "0", "1", …
+                listed = ", ".join(f"{layer.number} = {layer.name}" for layer in numbered) or "none"
+                raise LayerError(f"no layer {spec!r}; conv layers: {listed} (numbers stop where the plain chain "
+                                 f"ends, at {self.chain.end}); or a module name, see `vizdeconv layers`")
+        point = self.graph.point(spec)
+        return next((layer for layer in numbered if layer.point == point), None) or self._layer(point)
+
+    def walks(self, layer: Layer) -> bool:
+        """Whether the chain walk reaches ``layer`` (else projections go through autograd with rules)."""
+        return layer.chain_index is not None and self.chain.walkable(layer.chain_index)
 
     def last(self) -> Layer:
         """The last numbered layer, or the last spatial module output of a graph."""
@@ -206,24 +206,27 @@ class Layers:
             raise LayerError("the model has no module with a (C, H, W) output to project from")
         return self._layer(self.graph.points[-1])
 
+    def _calls(self) -> dict[tuple[str, int], int]:
+        """``(module name, call) → chain step index``: a module's k-th call in the chain is its k-th call."""
+        seen: Counter = Counter()
+        calls = {}
+        for step in self.chain.steps:
+            calls[step.name, seen[step.name]] = step.index
+            seen[step.name] += 1
+        return calls
+
     def _point_of(self, step: Step) -> Point | None:
-        call = sum(1 for s in self.chain.steps[: step.index] if s.module is step.module)
-        return next((p for p in self.graph.points if p.module_name == step.name and p.call == call), None)
+        call = sum(1 for s in self.chain.steps[: step.index] if s.name == step.name)
+        return next((p for p in self.graph.points if (p.module_name, p.call) == (step.name, call)), None)
 
     def _layer(self, point: Point, number: int | None = None, conv: str | None = None) -> Layer:
-        seen: Counter = Counter()
-        for step in self.chain.steps:
-            if step.name == point.module_name and seen[step.name] == point.call:
-                return Layer(point, number, step.index, conv)
-            seen[step.name] += 1
-        return Layer(point, number, None, conv)
+        return Layer(point, number, self._calls().get((point.module_name, point.call)), conv)
 
     def describe(self) -> list[dict]:
         """One row per layer, for ``vizdeconv layers`` (JSON-ready)."""
         numbers = {layer.point.name: layer.number for layer in self.numbered()}
         rows = []
         for point in self.graph.points:
-            layer = self._layer(point)
             rows.append({
                 "layer": numbers.get(point.name),
                 "module": point.name,
@@ -231,8 +234,7 @@ class Layers:
                 "output_shape": list(point.output_shape),
                 "rf_size": list(point.field.size),
                 "rf_stride": list(point.field.stride),
-                "path": "walk" if layer.chain_index is not None and self.chain.walkable(layer.chain_index)
-                        else "autograd",
+                "path": "walk" if self.walks(self._layer(point)) else "autograd",
                 "below": list(point.below),
                 "unknown": point.unknown,
             })

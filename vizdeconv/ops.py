@@ -41,7 +41,7 @@ class Op:
         occlusion: ``pointwise``, ``local`` or ``global``: how far a change in the input spreads.
         functions: the torch callables that perform it (as a ``TorchFunctionMode`` sees them).
         modules: module types (exact) whose forward is this op alone, for the chain walk.
-        geometry: for local ops, ``(call args, kwargs, input shape, axis) -> Geometry``.
+        geometry: for local ops, ``(call args, kwargs, axis) -> Geometry``.
     """
 
     name: str
@@ -72,23 +72,22 @@ def _argument(args, kwargs, index: int, name: str, default):
     return args[index] if len(args) > index else kwargs.get(name, default)
 
 
-def _conv_geometry(args, kwargs, shape, axis):
+def _conv_geometry(args, kwargs, axis):
     weight = _argument(args, kwargs, 1, "weight", None)
     return window_geometry(tuple(weight.shape[2:]), _argument(args, kwargs, 3, "stride", 1),
                            _argument(args, kwargs, 4, "padding", 0), _argument(args, kwargs, 5, "dilation", 1), axis)
 
 
-def _max_pool_geometry(args, kwargs, shape, axis):
+def _pool_geometry(args, kwargs, axis, dilation=1):
     return window_geometry(_argument(args, kwargs, 1, "kernel_size", None), _argument(args, kwargs, 2, "stride", None),
-                           _argument(args, kwargs, 3, "padding", 0), _argument(args, kwargs, 4, "dilation", 1), axis)
+                           _argument(args, kwargs, 3, "padding", 0), dilation, axis)
 
 
-def _avg_pool_geometry(args, kwargs, shape, axis):
-    return window_geometry(_argument(args, kwargs, 1, "kernel_size", None), _argument(args, kwargs, 2, "stride", None),
-                           _argument(args, kwargs, 3, "padding", 0), 1, axis)
+def _max_pool_geometry(args, kwargs, axis):
+    return _pool_geometry(args, kwargs, axis, _argument(args, kwargs, 4, "dilation", 1))
 
 
-def _pad_geometry(args, kwargs, shape, axis):
+def _pad_geometry(args, kwargs, axis):
     pads = _argument(args, kwargs, 1, "pad", ())
     # F.pad lists (left, right, top, bottom, …) from the last dimension backwards.
     before = pads[2 * (1 - axis)] if len(pads) > 2 * (1 - axis) else 0
@@ -126,7 +125,7 @@ OPS: tuple[Op, ...] = (
     Op("max_pool2d", "max-pool", "unpooled through the switches (overlapping windows add up)", "local",
        (F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d), (nn.MaxPool2d,), _max_pool_geometry),
     Op("avg_pool2d", "local", "its transpose (spread evenly over the window)", "local",
-       (F.avg_pool2d,), (nn.AvgPool2d,), _avg_pool_geometry),
+       (F.avg_pool2d,), (nn.AvgPool2d,), _pool_geometry),
     Op("pad", "local", "cropped (the transpose of padding)", "local", (F.pad, torch._C._nn.pad), (nn.ZeroPad2d,),
        _pad_geometry),
     Op("batch_norm", "pointwise", "scaled by γ/√(σ²+ε) (eval statistics)", "pointwise", (F.batch_norm,),
@@ -219,5 +218,5 @@ def multiply_adds(module: nn.Module, output_shape: tuple[int, ...]) -> int:
 
 
 def table() -> list[dict]:
-    """Every op and its rule, for the README and ``layers --ops``."""
+    """Every op and its rule, as ``layers --json`` lists them."""
     return [{"op": op.name, "kind": op.kind, "deconvnet": op.down, "occlusion": op.occlusion} for op in OPS]
