@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from oracles import randomise_batchnorm
 
 from vizdeconv.models import load_model
 
@@ -12,13 +13,7 @@ from vizdeconv.models import load_model
 def random_weights_file(name: str, path, seed: int = 0):
     """A state_dict of torchvision's ``name`` with random weights (and random BatchNorm statistics)."""
     torch.manual_seed(seed)
-    module = torchvision.models.get_model(name, weights=None)
-    for layer in module.modules():
-        if isinstance(layer, torch.nn.BatchNorm2d):
-            layer.running_mean.uniform_(-0.5, 0.5)
-            layer.running_var.uniform_(0.5, 2.0)
-            layer.weight.data.uniform_(0.5, 1.5)
-            layer.bias.data.uniform_(-0.2, 0.2)
+    module = randomise_batchnorm(torchvision.models.get_model(name, weights=None))
     torch.save(module.state_dict(), path)
     return path
 
