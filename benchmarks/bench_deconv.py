@@ -19,7 +19,7 @@ import torch
 import torchvision
 from captum.attr import NeuronDeconvolution
 
-from vizdeconv.deconv import Deconvnet, strongest
+from vizdeconv.deconvnet import Deconvnet, strongest
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel
 
@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     module = torchvision.models.alexnet().eval()
-    model = LoadedModel("alexnet", "random", module, None, (3, 224, 224), (0.0,) * 3, (1.0,) * 3, ())
+    model = LoadedModel.from_module(module, 224, name="alexnet", device="cpu")
     layers = trace_layers(model)
     deconvnet = Deconvnet(model, layers, layers.layer(5), rule="deconvnet")
     images = torch.randn(8, 3, 224, 224)

@@ -23,7 +23,7 @@ from captum.attr import NeuronDeconvolution, NeuronGuidedBackprop
 
 from bench_deconv import side_by_side
 from bench_scan import PHOTOS, make_folder, scan_rates
-from vizdeconv.deconv import Deconvnet
+from vizdeconv.deconvnet import Deconvnet
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel
 
@@ -32,9 +32,7 @@ CAPTUM = {"deconvnet": NeuronDeconvolution, "guided": NeuronGuidedBackprop}
 
 def random_resnet50() -> LoadedModel:
     torch.manual_seed(0)
-    transforms = torchvision.models.ResNet50_Weights.DEFAULT.transforms()
-    return LoadedModel("resnet50", "random", torchvision.models.resnet50().eval(), transforms, (3, 224, 224),
-                       tuple(transforms.mean), tuple(transforms.std), ())
+    return LoadedModel.from_module(torchvision.models.resnet50(), 224, name="resnet50", device="cpu")
 
 
 def compare(model: LoadedModel, layers, name: str, images: torch.Tensor, channels: int, rule: str,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from vizdeconv.images import find_images, load_image
 from vizdeconv.incremental import multiply_adds
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel, load_model
-from vizdeconv.occlusion import corners, default_geometry, occlude
+from vizdeconv.occlusion import OcclusionSpec, corners, default_geometry, occlude
 
 BATCH = 64
 CASES = "alexnet:50:8,vgg16:50:8,alexnet:16:4"
@@ -64,11 +65,10 @@ def spread(prob_true: np.ndarray, prob_clean: float, ys, xs, size: int, height: 
 def bench(name: str, size: int, stride: int, repeats: int) -> None:
     torch.manual_seed(0)
     module = torchvision.models.get_model(name).eval()
-    model = LoadedModel(name, "random", module, None, (3, 224, 224), (0.0,) * 3, (1.0,) * 3, ())
+    model = LoadedModel.from_module(module, 224, mean=(0.0,) * 3, std=(1.0,) * 3, name=name, device="cpu")
     layers = trace_layers(model)
     layer = layers.layer(5)
     image = torch.randn(3, 224, 224)
-    fill = torch.zeros(3)
     ys = xs = corners(224, size, stride)
     with torch.no_grad():
         target = int(module(image[None]).argmax())
@@ -85,8 +85,8 @@ def bench(name: str, size: int, stride: int, repeats: int) -> None:
         return torch.cat(maps).view(len(ys), len(xs)).numpy()
 
     def ours(approximate=False):
-        return occlude(model, layers, layer, image, size=size, stride=stride, fill=fill, target=target,
-                       batch_size=BATCH, approximate=approximate)
+        spec = OcclusionSpec(name, layer.name, size, stride, (0.0,) * 3, str(target), approximate=approximate)
+        return occlude(model, layers, image, spec, batch_size=BATCH)
 
     occlusion = Occlusion(lambda x: module(x).softmax(1))
 
@@ -126,12 +126,12 @@ def approximate_error() -> None:
     worst, mean, agree, exact_time, rough_time = 0.0, [], [], 0.0, 0.0
     for path in find_images([FASHION])[0]:
         image = model.preprocess(load_image(path, channels=1, background=model.mean))
-        arguments = dict(size=size, stride=stride, fill=torch.zeros(1), batch_size=BATCH)
+        spec = OcclusionSpec.create(model, layer, size=size, stride=stride)
         start = time.perf_counter()
-        exact = occlude(model, layers, layer, image, **arguments)
+        exact = occlude(model, layers, image, spec, batch_size=BATCH)
         exact_time += time.perf_counter() - start
         start = time.perf_counter()
-        rough = occlude(model, layers, layer, image, approximate=True, **arguments)
+        rough = occlude(model, layers, image, replace(spec, approximate=True), batch_size=BATCH)
         rough_time += time.perf_counter() - start
         difference = np.abs(rough.prob_true - exact.prob_true)
         worst = max(worst, float(difference.max()))

@@ -5,7 +5,8 @@
    channel of layer 5), same batch size and workers. Goal: scan ≥ 0.9× plain.
 2. Peak memory (max RSS of a fresh process) of the scan on the embedded model over N and 10 N
    images. Goal: flat.
-3. The projection phase on alexnet: seconds per channel (9 projections, tiles, figure).
+3. The whole `project` job (``ProjectJob``) on alexnet for 16 channels: seconds per channel beyond the scan
+   (9 projections, tiles, figure).
 
     make bench      # or: python benchmarks/bench_scan.py [--images 256] [--batch-size 32] [--memory-images 500]
 """
@@ -25,12 +26,12 @@ import torch
 import torchvision
 from PIL import Image
 
-from vizdeconv import report
-from vizdeconv.deconv import Deconvnet
-from vizdeconv.images import find_images, read_batches
+from vizdeconv.deconvnet import Deconvnet
+from vizdeconv.images import find_images
+from vizdeconv.jobs.project import ProjectJob
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel, load_model
-from vizdeconv.topk import TopK, hits, project_hits, scan
+from vizdeconv.topk import TopK, scan
 
 PHOTOS = Path(__file__).resolve().parent.parent / "sample_images" / "photos"
 FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
@@ -53,9 +54,7 @@ def make_folder(folder: Path, count: int, sources: list[Path], size: int | None)
 
 def random_alexnet() -> LoadedModel:
     torch.manual_seed(0)
-    transforms = torchvision.models.AlexNet_Weights.DEFAULT.transforms()
-    return LoadedModel("alexnet", "random", torchvision.models.alexnet().eval(), transforms, (3, 224, 224),
-                       tuple(transforms.mean), tuple(transforms.std), ())
+    return LoadedModel.from_module(torchvision.models.alexnet(), 224, name="alexnet", device="cpu")
 
 
 def deconvnet_at(model: LoadedModel, spec) -> Deconvnet:
@@ -70,13 +69,12 @@ def scan_rates(deconvnet: Deconvnet, paths: list[Path], batch_size: int, workers
 
     def plain():
         with torch.no_grad():
-            for batch in read_batches(paths, preprocess=model.preprocess, channels=3, background=model.mean,
-                                      batch_size=batch_size, workers=workers):
+            for batch in model.read(paths, [], batch_size=batch_size, workers=workers):
                 model.module(batch.images)
 
     def scanned():
         top = TopK(range(layer.output_shape[0]), 9, model.device)
-        for _ in scan(deconvnet, paths, top, batch_size=batch_size, workers=workers):
+        for _ in scan(deconvnet, paths, top, [], batch_size=batch_size, workers=workers):
             pass
 
     timings = {"plain": [], "scan": []}
@@ -90,24 +88,20 @@ def scan_rates(deconvnet: Deconvnet, paths: list[Path], batch_size: int, workers
 
 def throughput(model: LoadedModel, paths: list[Path], batch_size: int, workers: int) -> None:
     deconvnet = deconvnet_at(model, 5)
-    layer = deconvnet.layer
     plain_rate, scan_rate = scan_rates(deconvnet, paths, batch_size, workers)
     print(f"alexnet, {len(paths)} images 256², batch {batch_size}, {workers} workers, {torch.get_num_threads()} threads")
     print(f"  plain forward (DataLoader + model):    {plain_rate:7.1f} images/s")
     print(f"  scan (layer 5, top-9 of 256 channels): {scan_rate:7.1f} images/s   ratio {scan_rate / plain_rate:.2f}×")
 
-    top = TopK(range(layer.output_shape[0]), 9, model.device)
-    for _ in scan(deconvnet, paths, top, batch_size=batch_size, workers=workers):
-        pass
-    found = hits(top, layer, paths, model.input_size)
-    chosen = {c: found[c] for c in list(found)[:16]}
-    start = time.perf_counter()
-    tiles = report.make_tiles(model, layer, chosen, project_hits(deconvnet, chosen, batch_size=batch_size))
     with tempfile.TemporaryDirectory() as out:
-        report.write_layer(Path(out), model, layer, deconvnet.rule, 9, chosen, tiles, len(paths), [])
-    seconds = time.perf_counter() - start
-    print(f"  projection phase: {seconds / len(chosen):.2f} s per channel ({len(chosen)} channels × 9, "
-          "projections + tiles + figures)")
+        job = ProjectJob(model, 5, channels="0-15", out=out, batch_size=batch_size, workers=workers)
+        start = time.perf_counter()
+        done = job.run(paths)
+        seconds = time.perf_counter() - start
+    channels = sum(1 for found in done.hits.values() if found)
+    beyond_scan = seconds - len(paths) / scan_rate
+    print(f"  project job, 16 channels: {seconds:.1f} s, of which {beyond_scan / channels:.2f} s per channel beyond "
+          f"the scan ({channels} channels × 9: projections + tiles + figures)")
 
 
 def peak_memory_child(folder: str) -> None:
@@ -115,7 +109,7 @@ def peak_memory_child(folder: str) -> None:
     deconvnet = deconvnet_at(model, 5)
     paths = find_images([folder])[0]
     top = TopK(range(deconvnet.layer.output_shape[0]), 9, model.device)
-    for _ in scan(deconvnet, paths, top, batch_size=64):
+    for _ in scan(deconvnet, paths, top, [], batch_size=64):
         pass
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 

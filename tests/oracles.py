@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vizdeconv.models import LoadedModel
+from vizdeconv.occlusion import OcclusionSpec, parse_target
 
 
 class Rectify(torch.autograd.Function):
@@ -222,8 +223,8 @@ def point_output(model: LoadedModel, layer, images: torch.Tensor) -> torch.Tenso
 def wrap(module: nn.Module, input_size, categories=(), name: str = "m") -> LoadedModel:
     """A hand-made module as a loaded model: eval mode, identity normalisation."""
     channels = input_size[0]
-    return LoadedModel(name, "hand", module.eval(), None, tuple(input_size), (0.0,) * channels, (1.0,) * channels,
-                       tuple(categories))
+    return LoadedModel.from_module(module, input_size, mean=(0.0,) * channels, std=(1.0,) * channels,
+                                   categories=categories, name=name, weights="hand", device="cpu")
 
 
 def hook_count(module: nn.Module) -> int:
@@ -265,3 +266,11 @@ class Residual(nn.Module):
         out += x
         out = self.relu(out)
         return self.head(self.relu3(self.conv3(self.pool(out))))
+
+
+def occlusion_spec(model: LoadedModel, layer, *, size: int, stride: int, fill, target="auto",
+                   approximate: bool = False) -> OcclusionSpec:
+    """The spec ``occlude`` takes, with an explicit per-channel fill (a tensor or a sequence)."""
+    values = tuple(float(v) for v in torch.as_tensor(fill, dtype=torch.float32))
+    return OcclusionSpec(model.name, layer.name, size, stride, values, parse_target(target, model),
+                         approximate=approximate)

@@ -12,7 +12,7 @@ import torchvision
 from oracles import Residual, SharedReLU, graph_oracle, oracle, wrap
 from torch import nn
 
-from vizdeconv.deconv import Deconvnet, strongest, walk
+from vizdeconv.deconvnet import Deconvnet, strongest, walk
 from vizdeconv.errors import LayerError
 from vizdeconv.layers import Layer, trace_chain, trace_layers
 from vizdeconv.models import LoadedModel

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms
 
-from oracles import random_model, rule_oracle
-from vizdeconv.deconv import Deconvnet
+from oracles import occlusion_spec, random_model, rule_oracle
+from vizdeconv.deconvnet import Deconvnet
 from vizdeconv.images import find_images, load_image
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel
@@ -21,11 +20,8 @@ SIDE = 64
 
 @pytest.fixture(scope="module")
 def resnet18():
-    bare = random_model("resnet18", SIDE)
-    preprocess = transforms.Compose([transforms.Resize(SIDE), transforms.CenterCrop(SIDE), transforms.ToTensor(),
-                                     transforms.Normalize((0.5,) * 3, (0.25,) * 3)])
-    return LoadedModel("resnet18", "random", bare.module, preprocess, (3, SIDE, SIDE), (0.5,) * 3, (0.25,) * 3,
-                       tuple(str(i) for i in range(1000)))
+    return LoadedModel.from_module(random_model("resnet18", SIDE).module, SIDE, mean=(0.5,) * 3, std=(0.25,) * 3,
+                                   name="resnet18", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +53,7 @@ def test_project_on_resnet18_layer3_equals_a_brute_force_scan(resnet18, photos):
     assert not deconvnet.walks
     k = 4
     top = TopK(range(layer.output_shape[0]), k, resnet18.device)
-    list(scan(deconvnet, photos, top, batch_size=5))
+    list(scan(deconvnet, photos, top, [], batch_size=5))
     found = hits(top, layer, photos, resnet18.input_size)
 
     candidates = {}
@@ -74,10 +70,10 @@ def test_project_on_resnet18_layer3_equals_a_brute_force_scan(resnet18, photos):
         assert np.allclose([v for _, v, _ in got], [v for _, v, _ in expected], rtol=1e-5)
 
     chosen = {c: found[c] for c in (0, 17, 200)}
-    for path, image, entries in project_hits(deconvnet, chosen, batch_size=2):
-        seeds = [(0, c, *chosen[c][slot].position) for c, slot, _ in entries]
-        expected = rule_oracle(resnet18.module, image[None], "layer3", 0, seeds, "deconvnet")
-        for (_, _, projection), want in zip(entries, expected):
+    for result in project_hits(deconvnet, chosen, [], batch_size=2):
+        seeds = [(0, p.hit.channel, *p.hit.position) for p in result.projections]
+        expected = rule_oracle(resnet18.module, result.input[None], "layer3", 0, seeds, "deconvnet")
+        for projection, want in zip((p.pixels for p in result.projections), expected):
             torch.testing.assert_close(projection, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
@@ -87,7 +83,7 @@ def test_occlude_on_resnet18_equals_a_brute_force_loop(resnet18):
     torch.manual_seed(5)
     image = torch.randn(3, SIDE, SIDE)
     fill = torch.full((3,), 0.3)
-    maps = occlude(resnet18, layers, layer, image, size=16, stride=8, fill=fill, batch_size=10)
+    maps = occlude(resnet18, layers, image, occlusion_spec(resnet18, layer, size=16, stride=8, fill=fill), batch_size=10)
     assert maps.method == "brute force" and maps.prob_true.shape == (7, 7)
     clean_logits, clean = module_output(resnet18, "layer4.0", image[None])
     channel = int(clean[0].flatten(1).max(1).values.argmax())
@@ -116,8 +112,8 @@ def test_incremental_occlusion_leaves_out_convs_that_pad_with_reflections():
     layers = trace_layers(model)
     layer = layers.layer("4")
     image = torch.randn(2, 12, 12)
-    arguments = dict(size=3, stride=1, fill=torch.zeros(2), batch_size=16)
-    exact = occlude(model, layers, layer, image, **arguments)
-    brute = occlude(model, layers, layer, image, brute_force=True, **arguments)
+    spec = occlusion_spec(model, layer, size=3, stride=1, fill=torch.zeros(2))
+    exact = occlude(model, layers, image, spec, batch_size=16)
+    brute = occlude(model, layers, image, spec, batch_size=16, brute_force=True)
     np.testing.assert_allclose(exact.feature_total, brute.feature_total, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(exact.prob_true, brute.prob_true, atol=1e-6)

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import csv
-import shutil
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracles import Residual, point_output, wrap
+from oracles import Residual, occlusion_spec, point_output, wrap
 from PIL import Image
 from torch import nn
 
-from vizdeconv.cli import main
 from vizdeconv.errors import VizDeconvError
 from vizdeconv.incremental import unsupported
 from vizdeconv.layers import trace_layers
@@ -27,7 +23,7 @@ from vizdeconv.occlusion import (
     default_geometry,
     fill_values,
     occlude,
-    resolve_target,
+    parse_target,
 )
 
 FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
@@ -44,18 +40,16 @@ def test_corners_by_hand():
 
 
 def test_fill_and_target(embedded):
-    assert fill_values("mean", embedded).tolist() == [0.0]
+    assert fill_values("mean", embedded) == (0.0,)
     mean, std = embedded.mean[0], embedded.std[0]
-    assert fill_values("0.5", embedded).item() == pytest.approx((0.5 - mean) / std)
+    assert fill_values("0.5", embedded)[0] == pytest.approx((0.5 - mean) / std)
     with pytest.raises(VizDeconvError, match="--fill expects"):
         fill_values("grey", embedded)
-    probabilities = torch.tensor([0.1] * 9 + [0.1])
-    probabilities[3] = 0.5
-    assert resolve_target("auto", embedded, probabilities) == 3
-    assert resolve_target("7", embedded, probabilities) == 7
-    assert resolve_target("ankle boot", embedded, probabilities) == 9
+    assert parse_target("auto", embedded) == "auto"
+    assert parse_target("7", embedded) == "7"
+    assert parse_target("ankle boot", embedded) == "9"
     with pytest.raises(VizDeconvError, match="unknown target class 'hat'"):
-        resolve_target("hat", embedded, probabilities)
+        parse_target("hat", embedded)
 
 
 def brute_force(model, layers, layer, image, size, stride, fill, target, channel):
@@ -92,8 +86,8 @@ def assert_matches_brute_force(model, image, size, stride, fill="mean", target="
     fill = fill_values(fill, model)
     expected = {}
     for brute in (False, True):
-        maps = occlude(model, layers, layer, image, size=size, stride=stride, fill=fill, target=target, batch_size=7,
-                       brute_force=brute)
+        maps = occlude(model, layers, image, occlusion_spec(model, layer, size=size, stride=stride, fill=fill,
+                                                            target=target), batch_size=7, brute_force=brute)
         assert maps.method == ("brute force" if brute else method)
         assert maps.layer == (layer.number or 0) and maps.module == layer.name
         question = (maps.target, maps.channel)  # the loop runs once per question (both methods ask the same)
@@ -129,47 +123,6 @@ def test_non_square_input():
     assert maps.prob_true.shape == (4, 7)
 
 
-def test_occlude_command_batch_run_resumes(tmp_path):
-    images = tmp_path / "in"
-    images.mkdir()
-    for name in ("test00000_ankle-boot.png", "test00001_pullover.png", "test00008_sandal.png"):
-        shutil.copy(FASHION / name, images / name)
-    (images / "broken.png").write_bytes(b"\x89PNG broken")
-    out = tmp_path / "out"
-    runner = CliRunner()
-    args = ["occlude", str(images), "--stride", "3", "--out", str(out)]
-    result = runner.invoke(main, args, catch_exceptions=False)
-    assert result.exit_code == 1 and "broken.png" in result.stderr
-    with open(out / "summary.csv") as file:
-        rows = list(csv.DictReader(file))
-    assert [Path(r["image"]).name for r in rows] == ["test00000_ankle-boot.png", "test00001_pullover.png",
-                                                     "test00008_sandal.png"]
-    data = np.load(out / "test00000_ankle-boot" / "maps.npz")
-    assert {"prob_true", "top_class", "feature_total", "channel", "target", "layer", "size", "stride",
-            "positions_y", "positions_x"} <= set(data.files)
-    assert int(data["size"]) == 6 and int(data["stride"]) == 3 and int(data["layer"]) == 5
-    assert float(rows[0]["prob_min"]) == pytest.approx(float(data["prob_true"].min()), abs=1e-6)
-    # An interrupted run: one image lost its maps. The rerun redoes only that one.
-    (out / "test00001_pullover" / "maps.npz").unlink()
-    before = (out / "test00000_ankle-boot" / "maps.npz").stat().st_mtime_ns
-    (images / "broken.png").unlink()
-    result = runner.invoke(main, args, catch_exceptions=False)
-    assert result.exit_code == 0 and "2 images already done" in result.stderr
-    assert "test00001_pullover.png:" in result.stdout and "test00000" not in result.stdout
-    assert (out / "test00000_ankle-boot" / "maps.npz").stat().st_mtime_ns == before
-    with open(out / "summary.csv") as file:
-        assert len(list(csv.DictReader(file))) == 3
-    assert not list(out.rglob(".*.tmp"))
-    # Other parameters are a different question: nothing is skipped.
-    result = runner.invoke(main, ["occlude", str(images), "--stride", "4", "--out", str(out)], catch_exceptions=False)
-    assert result.exit_code == 0 and "already done" not in result.stderr
-
-
-def test_square_larger_than_the_image_is_a_usage_error():
-    result = CliRunner().invoke(main, ["occlude", str(FASHION / "test00000_ankle-boot.png"), "--size", "40"])
-    assert result.exit_code == 2 and "larger than the model's input (28 px)" in result.stderr
-
-
 def test_vgg11_bn_maps_equal_brute_force(vgg11_bn):
     torch.manual_seed(1)
     assert_matches_brute_force(vgg11_bn, torch.randn(3, 224, 224), 64, 80, layer_number=4)
@@ -200,7 +153,7 @@ def test_a_layer_of_a_residual_graph_falls_back_to_brute_force(name):
     assert unsupported(layers, layer).startswith("the plain chain of modules ends at ")
     image = torch.randn(2, 12, 12)
     fill = fill_values("0.5", model)
-    maps = occlude(model, layers, layer, image, size=4, stride=3, fill=fill, batch_size=5)
+    maps = occlude(model, layers, image, occlusion_spec(model, layer, size=4, stride=3, fill=fill), batch_size=5)
     assert maps.method == "brute force" and maps.module == name and maps.layer == (layer.number or 0)
     prob, top, total = brute_force(model, layers, layer, image, 4, 3, fill, maps.target, maps.channel)
     np.testing.assert_allclose(maps.prob_true, prob, atol=1e-5)
@@ -251,7 +204,7 @@ def test_incremental_equals_brute_force_on_random_stacks(data):
     names = [name for name in stack if name not in ("gap", "flat", "fc")]
     layer = layers.layer(draw(st.sampled_from(names)))
     fill = torch.full((channels,), draw(st.floats(-1, 1)))
-    maps = occlude(model, layers, layer, image, size=size, stride=stride, fill=fill,
+    maps = occlude(model, layers, image, occlusion_spec(model, layer, size=size, stride=stride, fill=fill),
                    batch_size=draw(st.integers(1, 9)))
     assert maps.method == "incremental"
     prob, top, total = brute_force(model, layers, layer, image, size, stride, fill, maps.target, maps.channel)
@@ -263,9 +216,10 @@ def test_approximate_mode_is_exact_where_it_looks_and_labelled(embedded):
     layers = trace_layers(embedded)
     layer = layers.layer(5)
     image = embedded.preprocess(Image.open(FASHION / "test00000_ankle-boot.png"))
-    arguments = dict(size=6, stride=1, fill=torch.zeros(1), batch_size=16)
-    exact = occlude(embedded, layers, layer, image, **arguments)
-    approximate = occlude(embedded, layers, layer, image, approximate=True, **arguments)
+    arguments = dict(size=6, stride=1, fill=torch.zeros(1))
+    exact = occlude(embedded, layers, image, occlusion_spec(embedded, layer, **arguments), batch_size=16)
+    approximate = occlude(embedded, layers, image, occlusion_spec(embedded, layer, approximate=True, **arguments),
+                          batch_size=16)
     assert approximate.method.startswith("approximate") and exact.method == "incremental"
     f, rows, cols = 4, *exact.prob_true.shape
     corners_ = [(bi, bj) for bi in range(0, rows, f) for bj in range(0, cols, f)]
@@ -277,30 +231,3 @@ def test_approximate_mode_is_exact_where_it_looks_and_labelled(embedded):
                                                                                    exact.prob_true[bi, bj])
         np.testing.assert_allclose(approximate.prob_true[block], expected, atol=1e-5)
     assert np.abs(approximate.prob_true - exact.prob_true).max() > 1e-3  # it is an approximation
-
-
-def test_occlude_command_methods(tmp_path):
-    image = str(FASHION / "test00001_pullover.png")
-    runner = CliRunner()
-    for flag, folder in (([], "exact"), (["--brute-force"], "brute"), (["--approximate"], "rough")):
-        result = runner.invoke(main, ["occlude", image, "--out", str(tmp_path / folder), *flag], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-    maps = {f: np.load(tmp_path / f / "test00001_pullover" / "maps.npz") for f in ("exact", "brute", "rough")}
-    assert str(maps["exact"]["method"]) == "incremental" and str(maps["brute"]["method"]) == "brute force"
-    assert str(maps["rough"]["method"]).startswith("approximate")
-    np.testing.assert_allclose(maps["exact"]["prob_true"], maps["brute"]["prob_true"], atol=1e-5)
-    # Exact maps do not answer an approximate request, nor the other way round.
-    result = runner.invoke(main, ["occlude", image, "--out", str(tmp_path / "exact"), "--approximate"])
-    assert result.exit_code == 0 and "already done" not in result.stderr
-
-
-def test_occlude_command_at_a_module_off_the_chain_with_a_rule(tmp_path):
-    image = str(FASHION / "test00001_pullover.png")
-    out = tmp_path / "graph"
-    result = CliRunner().invoke(main, ["occlude", image, "--layer", "features", "--rule", "guided", "--stride", "3",
-                                       "--out", str(out)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert "features is not a module of the plain chain" in result.stderr and "using brute force" in result.stderr
-    maps = np.load(out / "test00001_pullover" / "maps.npz")
-    assert str(maps["method"]) == "brute force" and str(maps["module"]) == "features" and int(maps["layer"]) == 0
-    assert (out / "test00001_pullover" / "occlusion.png").exists()

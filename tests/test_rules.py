@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from factories import functional
 from oracles import random_model, rule_oracle, wrap
-from vizdeconv.deconv import Deconvnet, strongest
+from vizdeconv.deconvnet import Deconvnet, strongest
 from vizdeconv.errors import VizDeconvError
 from vizdeconv.layers import trace_layers
 from vizdeconv.rules import apply_rules

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from oracles import Residual, SharedReLU, hook_count, point_output, wrap
 
-from vizdeconv.deconv import Deconvnet
+from vizdeconv.deconvnet import Deconvnet
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel
 from vizdeconv.switches import PointRecorder, SwitchRecorder

@@ -1,20 +1,17 @@
-"""The top-k scan against a brute-force scan, its determinism, and `vizdeconv project` end to end."""
+"""The top-k scan against a brute-force scan, its determinism, and the projections of its hits."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from oracles import graph_oracle, oracle, point_output
 from PIL import Image
 
-from vizdeconv.cli import main
-from vizdeconv.deconv import Deconvnet
-from vizdeconv.errors import ImageError, LayerError
+from vizdeconv.deconvnet import Deconvnet
+from vizdeconv.errors import LayerError
 from vizdeconv.images import find_images, load_image
 from vizdeconv.layers import trace_layers
 from vizdeconv.topk import TopK, hits, parse_channels, project_hits, scan
@@ -56,8 +53,9 @@ def run_scan(deconvnet, paths, k=9, batch_size=4, workers=0, channels=None):
     model, layer = deconvnet.model, deconvnet.layer
     channels = list(range(layer.output_shape[0])) if channels is None else channels
     top = TopK(channels, k, model.device)
-    events = list(scan(deconvnet, paths, top, batch_size=batch_size, workers=workers))
-    return hits(top, layer, paths, model.input_size), events
+    failures = []
+    done = list(scan(deconvnet, paths, top, failures, batch_size=batch_size, workers=workers))
+    return hits(top, layer, paths, model.input_size), done, failures
 
 
 def deconvnet_for(model, spec):
@@ -75,8 +73,8 @@ def test_scan_equals_brute_force(embedded, folder, spec):
     layer = deconvnet.layer
     assert (layer.chain_index is None) == (spec == "features")
     paths, _ = find_images([folder])
-    found, events = run_scan(deconvnet, paths)
-    assert sum(events) == len(paths) == 41
+    found, done, failures = run_scan(deconvnet, paths)
+    assert done[-1] == len(paths) == 41 and done == sorted(done) and not failures
     expected = brute_force(embedded, deconvnet.layers, layer, paths, 9)
     got = as_tuples(found)
     assert got.keys() == expected.keys()
@@ -94,11 +92,11 @@ def test_scan_equals_brute_force(embedded, folder, spec):
 def test_scan_is_the_same_for_any_batch_size_workers_and_order(embedded, folder):
     deconvnet = deconvnet_for(embedded, 3)
     paths, _ = find_images([folder])
-    reference, _ = run_scan(deconvnet, paths, batch_size=1)
+    reference, _, _ = run_scan(deconvnet, paths, batch_size=1)
     shuffled, _ = find_images(list(reversed(sorted(folder.iterdir()))))
     assert shuffled == paths
     for batch_size, workers in [(5, 0), (41, 0), (7, 2)]:
-        found, _ = run_scan(deconvnet, paths, batch_size=batch_size, workers=workers)
+        found, _, _ = run_scan(deconvnet, paths, batch_size=batch_size, workers=workers)
         assert {c: [(h.image, h.position) for h in hs] for c, hs in found.items()} == \
             {c: [(h.image, h.position) for h in hs] for c, hs in reference.items()}
 
@@ -107,7 +105,7 @@ def test_memory_is_bounded_by_channels_times_k(embedded, folder):
     deconvnet = deconvnet_for(embedded, 1)
     paths, _ = find_images([folder])
     top = TopK([0, 5], 3, embedded.device)
-    for _ in scan(deconvnet, paths, top, batch_size=8):
+    for _ in scan(deconvnet, paths, top, [], batch_size=8):
         assert top.values.shape[0] == 2 and top.values.shape[1] <= 3
 
 
@@ -115,9 +113,8 @@ def test_broken_files_are_reported_and_skipped(embedded, folder):
     (folder / "a" / "broken.png").write_bytes(b"nope")
     deconvnet = deconvnet_for(embedded, 1)
     paths, _ = find_images([folder])
-    found, events = run_scan(deconvnet, paths, channels=[0])
-    errors = [e for e in events if isinstance(e, ImageError)]
-    assert len(errors) == 1 and errors[0].path.name == "broken.png"
+    found, done, errors = run_scan(deconvnet, paths, channels=[0])
+    assert len(errors) == 1 and errors[0].path.name == "broken.png" and done[-1] == len(paths)
     assert all(h.image.name != "broken.png" for h in found[0])
 
 
@@ -128,18 +125,19 @@ def test_projections_of_hits_match_the_oracle(embedded, spec, rule):
     deconvnet = Deconvnet(embedded, layers, layer, rule=rule)
     assert deconvnet.walks == (spec == 4 and rule == "deconvnet")
     paths, _ = find_images([FASHION])
-    found, _ = run_scan(deconvnet, paths, k=2, channels=[3, 10])
-    done = 0
-    for path, image, entries in project_hits(deconvnet, found, batch_size=3):
-        for channel, slot, pixels in entries:
-            hit = found[channel][slot]
-            assert hit.image == path
-            seed = (0, channel, *hit.position)
-            expected = oracle(layers.chain, layer, image, seed, rule) if layer.chain_index is not None else \
-                graph_oracle(embedded, layer, image, seed, rule)
-            torch.testing.assert_close(pixels, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
-            done += 1
-    assert done == sum(len(h) for h in found.values()) > 0
+    found, _, _ = run_scan(deconvnet, paths, k=2, channels=[3, 10])
+    projected = []
+    for result in project_hits(deconvnet, found, [], batch_size=3):
+        for projection in result.projections:
+            hit = projection.hit
+            assert hit.image == result.path
+            seed = (0, hit.channel, *hit.position)
+            expected = oracle(layers.chain, layer, result.input, seed, rule) if layer.chain_index is not None else \
+                graph_oracle(embedded, layer, result.input, seed, rule)
+            torch.testing.assert_close(projection.pixels, expected, rtol=1e-4,
+                                       atol=1e-4 * expected.abs().max().item())
+            projected.append(hit)
+    assert sorted(projected, key=str) == sorted((h for hs in found.values() for h in hs), key=str) != []
 
 
 def test_parse_channels():
@@ -149,30 +147,3 @@ def test_parse_channels():
         parse_channels("1,9", 8)
     with pytest.raises(LayerError, match="expects 'all'"):
         parse_channels("x", 8)
-
-
-def test_project_command_end_to_end(folder):
-    (folder / "a" / "broken.jpg").write_text("not an image")
-    out = folder / "out"
-    runner = CliRunner()
-    result = runner.invoke(main, ["project", "--layer", "2", "--images", str(folder / "a"), "--channels", "0-3",
-                                  "--out", str(out)], catch_exceptions=False)
-    assert result.exit_code == 1 and "broken.jpg: not an image file" in result.stderr
-    index = json.loads((out / "layer2" / "index.json").read_text())
-    assert index["layer"] == 2 and index["module"] == "features.4" and index["images_scanned"] == 20
-    assert index["rule"] == "deconvnet"
-    assert index["failed"][0]["image"].endswith("broken.jpg")
-    assert [c["channel"] for c in index["channels"]] == [0, 1, 2, 3]
-    for channel in index["channels"]:
-        assert (out / "layer2" / channel["png"]).exists()
-        values = [h["value"] for h in channel["hits"]]
-        assert values == sorted(values, reverse=True) and len(values) <= 9
-        assert len({h["image"] for h in channel["hits"]}) == len(values)
-    assert (out / "layer2" / "overview.png").exists()
-    result = runner.invoke(main, ["project", "--layer", "1", "--out", str(out), "--channels", "0", "--rule",
-                                  "guided"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert json.loads((out / "layer1" / "index.json").read_text())["rule"] == "guided"
-    page = (out / "index.html").read_text()
-    assert 'href="layer1/ch000.png"' in page and 'href="layer2/ch003.png"' in page
-    assert "guided rule" in page and "deconvnet rule" in page

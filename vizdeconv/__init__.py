@@ -1,18 +1,22 @@
 """vizdeconv: see what a convnet has learned, with the methods of Zeiler & Fergus (ECCV 2014).
 
-Typical notebook use::
+Notebook use: the commands as jobs (each writes its figures under ``out`` and refreshes
+``out/index.html``)::
 
     import vizdeconv as vd
-    model = vd.load_model("embedded")             # or "resnet50", "efficientnet_lite0", "timm:NAME"
+    model = vd.load_model("efficientnet_lite0")   # or "embedded", "resnet50", "timm:NAME", vd.LoadedModel.from_module(…)
+    top = vd.ProjectJob(model, "_blocks.9", channels="0-7", k=4).run(["photos/"])
+    maps = vd.OcclusionJob(model, size=32, stride=16).run(["photos/cat.jpg"])
+
+and the deconvnet itself on a preprocessed ``(N, C, H, W)`` batch::
+
     layers = vd.trace_layers(model)
-    layer = layers.layer(5)                       # rectified output of conv5; or "layer3", "relu@2"
-    deconvnet = vd.Deconvnet(model, layers, layer, rule="deconvnet")
-    forward = deconvnet.forward(images)           # (N, C, H, W) preprocessed batch
-    seeds = vd.strongest(forward.activations, top=3)
-    pixels = deconvnet.project(forward, seeds)    # (S, C, H, W)
+    deconvnet = vd.Deconvnet(model, layers, layers.layer(5), rule="deconvnet")
+    forward = deconvnet.forward(images)
+    pixels = deconvnet.project(forward, vd.strongest(forward.activations, top=3))    # (S, C, H, W)
 """
 
-from vizdeconv.deconv import Deconvnet, strongest
+from vizdeconv.deconvnet import Deconvnet, ImageProjections, Projection, strongest
 from vizdeconv.errors import (
     ImageError,
     LayerError,
@@ -22,20 +26,25 @@ from vizdeconv.errors import (
 )
 from vizdeconv.graph import Field, Graph, Point, trace
 from vizdeconv.images import find_images, load_image, read_batches
-from vizdeconv.layers import Layer, Layers, trace_layers
+from vizdeconv.jobs.deconv import DeconvJob, DeconvReport, DeconvResult
+from vizdeconv.jobs.occlude import ImageOcclusion, OcclusionJob, OcclusionReport
+from vizdeconv.jobs.predict import Prediction, PredictJob, PredictReport
+from vizdeconv.jobs.project import ProjectJob, TopKReport
+from vizdeconv.layers import Hit, Layer, Layers, trace_layers
 from vizdeconv.models import LoadedModel, load_model, read_state_dict
-from vizdeconv.occlusion import OcclusionMaps, occlude
+from vizdeconv.occlusion import OcclusionMaps, OcclusionSpec, occlude
 from vizdeconv.ops import OPS, Op
-from vizdeconv.predict import predict_files
-from vizdeconv.projections import project_files, save_image_projections
+from vizdeconv.report import write_report
 from vizdeconv.rules import apply_rules
 from vizdeconv.switches import Forward, PointRecorder, SwitchRecorder
-from vizdeconv.topk import Hit, TopK, hits, project_hits, scan
+from vizdeconv.topk import TopK, hits, project_hits, scan
 
 __all__ = [
-    "OPS", "Deconvnet", "Field", "Forward", "Graph", "Hit", "ImageError", "Layer", "LayerError", "Layers",
-    "LoadedModel", "ModelError", "OcclusionMaps", "Op", "Point", "PointRecorder", "SwitchRecorder", "TopK",
+    "OPS", "DeconvJob", "DeconvReport", "DeconvResult", "Deconvnet", "Field", "Forward", "Graph", "Hit",
+    "ImageError", "ImageOcclusion", "ImageProjections", "Layer", "LayerError", "Layers", "LoadedModel", "ModelError",
+    "OcclusionJob", "OcclusionMaps", "OcclusionReport", "OcclusionSpec", "Op", "Point", "PointRecorder",
+    "PredictJob", "PredictReport", "Prediction", "ProjectJob", "Projection", "SwitchRecorder", "TopK", "TopKReport",
     "UnsafeCheckpointError", "VizDeconvError", "apply_rules", "find_images", "hits", "load_image", "load_model",
-    "occlude", "predict_files", "project_files", "project_hits", "read_batches", "read_state_dict",
-    "save_image_projections", "scan", "strongest", "trace", "trace_layers",
+    "occlude", "project_hits", "read_batches", "read_state_dict", "scan", "strongest", "trace", "trace_layers",
+    "write_report",
 ]

@@ -27,3 +27,6 @@ class ImageError(VizDeconvError):
 
     def __reduce__(self):  # travels back from DataLoader worker processes
         return type(self), (self.path, self.reason)
+
+    def to_json(self) -> dict:
+        return {"image": str(self.path), "reason": self.reason}

@@ -11,7 +11,9 @@ something else (a residual sum, a functional op).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,7 +23,7 @@ from vizdeconv.errors import LayerError
 from vizdeconv.graph import Field, Graph, Point, trace
 from vizdeconv.models import LoadedModel
 
-# Ops the chain walk (deconv.walk) inverts on windows; anything else goes through autograd with rules.
+# Ops the chain walk (deconvnet.walk) inverts on windows; anything else goes through autograd with rules.
 WALKED = frozenset({"relu", "relu6", "conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "batch_norm",
                     "local_response_norm", "dropout"})
 
@@ -58,7 +60,7 @@ class Chain:
         return numbered
 
     def walkable(self, index: int) -> bool:
-        """Whether the chain walk (``deconv.walk``) can go down from step ``index`` to the input."""
+        """Whether the chain walk (``deconvnet.walk``) can go down from step ``index`` to the input."""
         return all(_walkable(step.module) for step in self.steps[: index + 1])
 
 
@@ -155,6 +157,42 @@ class Layer:
     @property
     def label(self) -> str:
         return f"layer {self.number} ({self.name})" if self.number else self.name
+
+    @property
+    def slug(self) -> str:
+        """File-name stem: ``layer5``, or the module name for an unnumbered layer (``layer3_1``, ``relu_call2``)."""
+        return f"layer{self.number}" if self.number else self.name.replace(".", "_").replace("@", "_call")
+
+    def hit(self, image: Path, channel: int, position: tuple[int, int], value: float,
+            input_size: Sequence[int]) -> Hit:
+        """The activation at ``position`` of ``channel`` on ``image``, with its receptive field in pixels."""
+        height, width = input_size[-2:]
+        box = self.field.box(*position, height, width)
+        return Hit(image, channel, tuple(position), value, box, box != self.field.window(*position))
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One unit's activation on one image: what a projection starts from.
+
+    Attributes:
+        image: the image file.
+        channel, position: the unit: its channel and ``(y, x)`` in the layer's map.
+        value: the activation.
+        box: ``(y0, x0, y1, x1)`` receptive field in input pixels, end exclusive, clipped to the image.
+        clipped: whether the receptive field reaches past the image border.
+    """
+
+    image: Path
+    channel: int
+    position: tuple[int, int]
+    value: float
+    box: tuple[int, int, int, int]
+    clipped: bool
+
+    def to_json(self) -> dict:
+        return {"image": str(self.image), "channel": self.channel, "value": self.value,
+                "position": list(self.position), "box": list(self.box), "clipped": self.clipped}
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ from torchvision import transforms
 
 from vizdeconv import lite0
 from vizdeconv.embedded import load_card, load_embedded
-from vizdeconv.errors import ModelError, UnsafeCheckpointError
+from vizdeconv.errors import ImageError, ModelError, UnsafeCheckpointError
+from vizdeconv.images import Batch, read_batches
 
 EMBEDDED = "embedded"
 LITE0 = "efficientnet_lite0"
@@ -68,6 +69,51 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+    @classmethod
+    def from_module(cls, module: nn.Module, input_size: int | Sequence[int] = 224, *,
+                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                    categories: Sequence[str] | None = None, name: str = "model", weights: str = "in memory",
+                    device: str = "auto") -> LoadedModel:
+        """Any ``nn.Module`` as a loaded model, for notebooks and tests.
+
+        Args:
+            input_size: side, ``(H, W)`` or ``(C, H, W)``; images are resized on the short side and
+                centre-cropped to it.
+            mean, std: per-channel normalisation; their length sets the channels. Default: ImageNet's
+                for 3 channels, none (0 and 1) for other channel counts given in ``input_size``.
+            categories: class names; default the output numbers of the last ``nn.Linear``.
+        """
+        size = [input_size] if isinstance(input_size, int) else list(input_size)
+        channels = size.pop(0) if len(size) == 3 else len(mean) if mean else 3
+        if mean is None or std is None:
+            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.0,) * channels, (1.0,) * channels)
+        if len(mean) != len(std) or len(mean) != channels:
+            raise ModelError(f"mean and std need one value per input channel; got {len(mean)} and {len(std)} for "
+                             f"{channels} channels")
+        height, width = _pair(size)
+        steps = [transforms.Grayscale(num_output_channels=1)] if channels == 1 else []
+        preprocess = transforms.Compose(steps + [
+            transforms.Resize(min(height, width), antialias=True),
+            transforms.CenterCrop((height, width)),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ])
+        if categories is None:
+            categories = [str(i) for i in range(_num_outputs(module) or 0)]
+        module.eval().to(resolve_device(device))
+        return cls(name, weights, module, preprocess, (channels, height, width), tuple(mean), tuple(std),
+                   tuple(categories))
+
+    def read(self, paths: Sequence[Path], failures: list[ImageError], *, batch_size: int = 32,
+             workers: int = 0) -> Iterator[Batch]:
+        """Preprocessed batches of the files that load, in order; each file that fails goes to ``failures``."""
+        for batch in read_batches(paths, preprocess=self.preprocess, channels=self.input_size[0],
+                                  background=self.mean, batch_size=batch_size, workers=workers):
+            if isinstance(batch, ImageError):
+                failures.append(batch)
+            else:
+                yield batch
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -267,21 +313,11 @@ def _factory(name: str, weights, input_size, mean, std) -> LoadedModel:
         raise ModelError(f"{name} returned {type(module).__name__}, expected a torch.nn.Module")
     if weights is not None:
         _load_state_dict(module, weights)
-    mean = tuple(mean or IMAGENET_MEAN)
-    std = tuple(std or IMAGENET_STD)
-    if len(mean) != len(std) or len(mean) not in (1, 3):
+    mean, std = tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD)
+    if len(mean) != len(std) or len(mean) not in (1, 3):  # image files are read as grey or RGB
         raise ModelError(f"mean and std need 1 or 3 values each, got {len(mean)} and {len(std)}")
-    height, width = _pair(input_size or 224)
-    steps = [transforms.Grayscale(num_output_channels=1)] if len(mean) == 1 else []
-    preprocess = transforms.Compose(steps + [
-        transforms.Resize(min(height, width), antialias=True),
-        transforms.CenterCrop((height, width)),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
-    outputs = _num_outputs(module) or 0
-    return LoadedModel(name, str(weights or "factory's own"), module, preprocess, (len(mean), height, width),
-                       mean, std, tuple(str(i) for i in range(outputs)))
+    return LoadedModel.from_module(module, input_size or 224, mean=mean, std=std, name=name,
+                                   weights=str(weights or "factory's own"), device="cpu")
 
 
 def _one_line(error: BaseException) -> str:

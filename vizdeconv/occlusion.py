@@ -8,21 +8,18 @@ alike); it is filled after preprocessing, in the model's normalised input space.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from vizdeconv.deconv import Deconvnet, strongest
 from vizdeconv.errors import VizDeconvError
 from vizdeconv.incremental import IncrementalOcclusion, batch_order, unsupported
 from vizdeconv.layers import Layer, Layers
 from vizdeconv.models import LoadedModel
+from vizdeconv.rules import check_rule
 from vizdeconv.switches import PointRecorder
 
 DRILL_FACTOR, DRILL_SHARE = 4, 0.25  # approximate mode: coarse grid step (in positions), share drilled into
@@ -44,30 +41,67 @@ def corners(length: int, size: int, stride: int) -> list[int]:
     return list(range(0, length - size + 1, stride))
 
 
-def fill_values(fill: str | float, model: LoadedModel) -> torch.Tensor:
-    """The square's per-channel value in normalised input space: ``mean`` is 0; a number is a pixel
-    intensity in 0..1 (0.5 = mid-grey), normalised like the image."""
+def fill_values(fill: str | float, model: LoadedModel) -> tuple[float, ...]:
+    """The square's per-channel value in normalised input space (as float32): ``mean`` is 0; a
+    number is a pixel intensity in 0..1 (0.5 = mid-grey), normalised like the image."""
     if fill == "mean":
-        return torch.zeros(model.input_size[0])
+        return (0.0,) * model.input_size[0]
     try:
         value = float(fill)
     except ValueError:
         raise VizDeconvError(f"--fill expects 'mean' or a pixel value in 0..1, got {fill!r}") from None
-    return (value - torch.tensor(model.mean)) / torch.tensor(model.std)
+    return tuple(np.float32((value - m) / s).item() for m, s in zip(model.mean, model.std))
 
 
-def resolve_target(target: str | int, model: LoadedModel, clean_probabilities: torch.Tensor) -> int:
-    """``auto`` (the top class of the unoccluded image), a class index, or a class name."""
-    classes = len(clean_probabilities)
-    if target == "auto":
-        return int(clean_probabilities.argmax())
+def parse_target(target: str | int, model: LoadedModel) -> str:
+    """``auto`` (the top class of the unoccluded image), or a class index or name → its index, as text."""
+    if str(target) == "auto":
+        return "auto"
+    classes = len(model.categories)
     if str(target).isdigit() and int(target) < classes:
-        return int(target)
+        return str(int(target))
     lowered = [c.lower() for c in model.categories]
     if str(target).lower() in lowered:
-        return lowered.index(str(target).lower())
+        return str(lowered.index(str(target).lower()))
     raise VizDeconvError(f"unknown target class {target!r}; expected auto, an index 0..{classes - 1} or a class name "
                          f"such as {', '.join(model.categories[:3])}")
+
+
+@dataclass(frozen=True)
+class OcclusionSpec:
+    """What an occlusion run asks. Maps made for an equal spec answer it, so resuming is ``maps.spec == spec``.
+
+    Attributes:
+        model, layer: the model's name and the layer's module name (``Layer.name``).
+        size, stride: the square's side and step in input pixels.
+        fill: the square's per-channel value in normalised input space (``fill_values``).
+        target: ``auto`` or a class index (``parse_target``).
+        rule: the rule of panel (c)'s projection.
+        approximate: adaptive drill-down instead of exact maps (either exact method answers an exact spec).
+    """
+
+    model: str
+    layer: str
+    size: int
+    stride: int
+    fill: tuple[float, ...]
+    target: str = "auto"
+    rule: str = "deconvnet"
+    approximate: bool = False
+
+    @classmethod
+    def create(cls, model: LoadedModel, layer: Layer, *, size: int | None = None, stride: int | None = None,
+               fill: str | float = "mean", target: str | int = "auto", rule: str = "deconvnet",
+               approximate: bool = False) -> OcclusionSpec:
+        """A spec from what a user types: default size and stride (``default_geometry``), ``--fill``,
+        ``--target`` as index or name."""
+        default_size, default_stride = default_geometry(model.input_size)
+        size, stride = size or default_size, stride or default_stride
+        for length in model.input_size[1:]:
+            corners(length, size, stride)  # refuses a square larger than the input now, not at the first image
+        check_rule(rule)
+        return cls(model.name, layer.name, size, stride, fill_values(fill, model), parse_target(target, model), rule,
+                   approximate)
 
 
 @dataclass(frozen=True)
@@ -79,18 +113,21 @@ class OcclusionMaps:
         prob_true: p(target) per position. top_class: most probable class per position.
         feature_total: spatial sum of ``channel`` of ``layer`` per position.
         prob_clean, clean_class: p(target) and the top class without a square.
+        model, module, size, stride, fill, target_asked, rule: the spec the maps answer (``spec``).
         positions_y, positions_x: top-left corners of the square in input pixels.
     """
 
     model: str
+    module: str
     method: str
     prob_true: np.ndarray
     top_class: np.ndarray
     feature_total: np.ndarray
     channel: int
     target: int
+    target_asked: str
+    rule: str
     layer: int
-    module: str
     size: int
     stride: int
     fill: np.ndarray
@@ -111,25 +148,32 @@ class OcclusionMaps:
             values[name] = int(values[name])
         for name in ("prob_clean", "feature_clean"):
             values[name] = float(values[name])
-        for name in ("module", "model", "method"):
+        for name in ("module", "model", "method", "target_asked", "rule"):
             values[name] = str(values[name])
         return cls(**values)
 
+    @property
+    def spec(self) -> OcclusionSpec:
+        return OcclusionSpec(self.model, self.module, self.size, self.stride, tuple(float(v) for v in self.fill),
+                             self.target_asked, self.rule, self.method.startswith("approximate"))
 
-def occlude(model: LoadedModel, layers: Layers, layer: Layer, image: torch.Tensor, *, size: int, stride: int,
-            fill: torch.Tensor, target: str | int = "auto", batch_size: int = 64, brute_force: bool = False,
-            approximate: bool = False, progress: Callable[[int, int], None] | None = None) -> OcclusionMaps:
-    """All occlusion maps of one preprocessed ``(C, H, W)`` image.
+
+def occlude(model: LoadedModel, layers: Layers, image: torch.Tensor, spec: OcclusionSpec, *, batch_size: int = 64,
+            brute_force: bool = False, progress: Callable[[int, int], None] | None = None) -> OcclusionMaps:
+    """All occlusion maps of one preprocessed ``(C, H, W)`` image for ``spec``.
 
     Exact incremental inference (``incremental.py``) whenever the model allows it; brute force
     (one full forward pass per position, batched) when asked or when it does not.
-    ``approximate`` evaluates only part of the positions (``_drill_down``) and says so in ``method``.
+    ``spec.approximate`` evaluates only part of the positions (``_drill_down``) and says so in ``method``.
     ``progress(done, total)`` is called after each batch of square positions.
     """
+    if spec.model != model.name:
+        raise VizDeconvError(f"the spec is for model {spec.model!r}, not {model.name!r}")
+    layer, size, stride, approximate = layers.layer(spec.layer), spec.size, spec.stride, spec.approximate
     _, height, width = image.shape
     ys, xs = corners(height, size, stride), corners(width, size, stride)
     image = image.to(model.device)
-    fill = fill.to(model.device, image.dtype)
+    fill = torch.tensor(spec.fill, device=model.device, dtype=image.dtype)
     incremental = not brute_force and unsupported(layers, layer) is None
     if incremental:
         engine = IncrementalOcclusion(layers.chain, image, layer.chain_index)
@@ -140,7 +184,7 @@ def occlude(model: LoadedModel, layers: Layers, layer: Layer, image: torch.Tenso
             clean = recorder.output[0]
     clean_probabilities = clean_logits.softmax(0)
     channel = int(clean.flatten(1).max(1).values.argmax())
-    target_class = resolve_target(target, model, clean_probabilities)
+    target_class = int(clean_probabilities.argmax()) if spec.target == "auto" else int(spec.target)
 
     def evaluate(places: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if incremental:
@@ -180,10 +224,10 @@ def occlude(model: LoadedModel, layers: Layers, layer: Layer, image: torch.Tenso
     else:
         run(cells)
     return OcclusionMaps(
-        model=model.name, method=method, prob_true=maps[0].numpy().astype(np.float32),
+        model=model.name, module=layer.name, method=method, prob_true=maps[0].numpy().astype(np.float32),
         top_class=maps[1].numpy().astype(np.int64), feature_total=maps[2].numpy().astype(np.float32),
-        channel=channel, target=target_class, layer=layer.number or 0, module=layer.name, size=size,
-        stride=stride, fill=fill.cpu().numpy(), positions_y=np.array(ys), positions_x=np.array(xs),
+        channel=channel, target=target_class, target_asked=spec.target, rule=spec.rule, layer=layer.number or 0,
+        size=size, stride=stride, fill=np.array(spec.fill, dtype=np.float32), positions_y=np.array(ys), positions_x=np.array(xs),
         prob_clean=float(clean_probabilities[target_class]), clean_class=int(clean_probabilities.argmax()),
         feature_clean=float(clean[channel].sum()))
 
@@ -202,42 +246,3 @@ def _drill_down(run: Callable[[torch.Tensor], None], cells: torch.Tensor, maps: 
     fine = torch.tensor([c for c, b in zip(cells.tolist(), blocks.tolist()) if tuple(b) in chosen_blocks and c != b],
                         dtype=torch.long).view(-1, 2)
     run(fine)
-
-
-def strongest_projection(deconvnet: Deconvnet, image: torch.Tensor, channel: int) -> torch.Tensor:
-    """Projection of ``channel``'s strongest activation on the unoccluded image (panel c), with the deconvnet's rule."""
-    forward = deconvnet.forward(image[None])
-    return deconvnet.project(forward, strongest(forward.activations, channel=channel))[0].cpu()
-
-
-def is_same_run(maps: OcclusionMaps, model: str, module: str, size: int, stride: int, fill: torch.Tensor,
-                target: str, approximate: bool) -> bool:
-    """Whether maps written earlier answer this run's question (for resuming); exact maps from either
-    exact method do."""
-    return (maps.model, maps.module, maps.size, maps.stride) == (model, module, size, stride) and \
-        np.allclose(maps.fill, fill.numpy()) and (target == "auto" or str(maps.target) == str(target)) and \
-        maps.method.startswith("approximate") == approximate
-
-
-SUMMARY_COLUMNS = ["image", "target", "target_name", "prob_clean", "prob_min", "prob_min_y", "prob_min_x",
-                   "other_class", "other_name", "other_fraction"]
-
-
-def summary_row(image: Path, maps: OcclusionMaps, categories: tuple[str, ...]) -> dict:
-    """One ``summary.csv`` row: the lowest p(target) and where, and the most frequent other class."""
-    where = np.unravel_index(int(maps.prob_true.argmin()), maps.prob_true.shape)
-    others = maps.top_class[maps.top_class != maps.target]
-    other = int(np.bincount(others).argmax()) if others.size else -1
-    return {"image": str(image), "target": maps.target, "target_name": categories[maps.target],
-            "prob_clean": f"{maps.prob_clean:.6f}", "prob_min": f"{maps.prob_true[where]:.6f}",
-            "prob_min_y": int(maps.positions_y[where[0]]), "prob_min_x": int(maps.positions_x[where[1]]),
-            "other_class": other, "other_name": categories[other] if other >= 0 else "",
-            "other_fraction": f"{others.size / maps.top_class.size:.4f}"}
-
-
-def summary_csv(rows: list[dict]) -> bytes:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, SUMMARY_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue().encode()

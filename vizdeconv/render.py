@@ -87,65 +87,56 @@ def stack(rows: Sequence[Image.Image], title: str = "") -> Image.Image:
     return sheet
 
 
-def field_tile(picture: Image.Image, window: tuple[int, int, int, int], side: int) -> Image.Image:
-    """The receptive-field ``window`` of ``picture`` as a ``side``-pixel square tile.
+OUTSIDE = (170, 170, 170)  # a receptive field's part beyond the image: neutral grey, lighter than a zero projection
+TILE_MIN, TILE_MAX = 96, 192  # display side of a receptive-field tile
 
-    Where the window reaches past the image (it is clipped), the missing part stays white, so
-    every tile of a layer shows the same field at the same scale and alignment.
-    """
+
+def display_window(window: tuple[int, int, int, int], height: int, width: int) -> tuple[int, int, int, int]:
+    """What a tile shows of a unit's field ``window``: the field itself, or, along an axis where the
+    field is at least as long as the image (the unit sees all of it), the whole image."""
     y0, x0, y1, x1 = window
-    canvas = Image.new("RGB", (x1 - x0, y1 - y0), "white")
+    if y1 - y0 >= height:
+        y0, y1 = 0, height
+    if x1 - x0 >= width:
+        x0, x1 = 0, width
+    return y0, x0, y1, x1
+
+
+def tile_size(window: tuple[int, int, int, int]) -> tuple[int, int]:
+    """Display ``(width, height)`` of a tile: small windows enlarged by a whole factor (nearest
+    neighbour) to at least ``TILE_MIN`` px, large ones reduced to ``TILE_MAX``, others as they are."""
+    y0, x0, y1, x1 = window
+    longer = max(y1 - y0, x1 - x0)
+    scale = -(-TILE_MIN // longer) if longer < TILE_MIN else min(1.0, TILE_MAX / longer)
+    return max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
+
+
+def field_tile(picture: Image.Image, window: tuple[int, int, int, int]) -> Image.Image:
+    """``picture``'s ``window`` (from ``display_window``) as a tile of ``tile_size``; where the window
+    reaches past the image, ``OUTSIDE`` grey, so every tile of a layer has the same scale and alignment."""
+    y0, x0, y1, x1 = window
+    canvas = Image.new("RGB", (x1 - x0, y1 - y0), OUTSIDE)
     inside = picture.crop((max(x0, 0), max(y0, 0), min(x1, picture.width), min(y1, picture.height)))
     canvas.paste(inside, (max(x0, 0) - x0, max(y0, 0) - y0))
-    return canvas.resize((side, side), Image.NEAREST if side >= canvas.width else Image.LANCZOS)
+    size = tile_size(window)
+    return canvas.resize(size, Image.NEAREST if size[0] >= canvas.width else Image.LANCZOS)
 
 
-def tile_side(field_size: int) -> int:
-    """Display size of a receptive-field tile: small fields enlarged to ≥ 64 px, large ones capped at 112."""
-    if field_size >= 64:
-        return min(field_size, 112)
-    return field_size * -(-64 // field_size)
-
-
-def grid(tiles: Sequence[Image.Image], columns: int, gap: int = 2) -> Image.Image:
-    """Equal-sized tiles in rows of ``columns``."""
-    side = tiles[0].width if tiles else 1
-    rows = -(-max(len(tiles), 1) // columns)
-    sheet = Image.new("RGB", (columns * (side + gap) - gap, rows * (side + gap) - gap), "white")
-    for i, tile in enumerate(tiles):
-        sheet.paste(tile, ((i % columns) * (side + gap), (i // columns) * (side + gap)))
-    return sheet
-
-
-def channel_figure(projections: Sequence[Image.Image], patches: Sequence[Image.Image], columns: int,
-                   title: str) -> Image.Image:
-    """The paper's Fig. 2 layout: projections on the left, the matching image patches on the right."""
-    left, right = grid(projections, columns), grid(patches, columns)
-    top = 20
-    figure = Image.new("RGB", (left.width + right.width + 24, left.height + top + 8), "white")
-    ImageDraw.Draw(figure).text((8, 2), title, fill="black", font=font(12))
-    figure.paste(left, (8, top))
-    figure.paste(right, (16 + left.width, top))
-    return figure
-
-
-def sheet(figures: Sequence[Image.Image], columns: int, title: str) -> Image.Image:
-    """Figures (of any sizes) tiled in rows under a title."""
-    cell_w = max(f.width for f in figures) + 8
-    cell_h = max(f.height for f in figures) + 8
-    rows = -(-len(figures) // columns)
-    page = Image.new("RGB", (columns * cell_w + 8, rows * cell_h + 32), "white")
-    ImageDraw.Draw(page).text((8, 6), title, fill="black", font=font(15))
-    for i, figure in enumerate(figures):
-        page.paste(figure, (8 + (i % columns) * cell_w, 32 + (i // columns) * cell_h))
-    return page
+def fit_text(text: str, width: int, size: int = 12) -> str:
+    """``text`` cut with an ellipsis to fit ``width`` pixels in ``font(size)``."""
+    face = font(size)
+    if face.getlength(text) <= width:
+        return text
+    while text and face.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
 
 
 VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=np.float64)
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
-           (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (199, 199, 199),
-           (219, 219, 141), (158, 218, 229)]
+# Okabe & Ito's colour-blind-safe colours (their black left out: it reads as a hole in an overlay).
+PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
+           (204, 121, 167)]
+OTHER = (110, 110, 110)  # classes beyond the palette
 
 
 def heatmap(values: np.ndarray, low: float, high: float) -> Image.Image:
@@ -157,10 +148,19 @@ def heatmap(values: np.ndarray, low: float, high: float) -> Image.Image:
     return Image.fromarray(colours.round().astype(np.uint8), mode="RGB")
 
 
+def ranked_classes(classes: np.ndarray) -> list[int]:
+    """The classes present in ``classes``, most frequent first (ties by class index)."""
+    counts = np.bincount(classes.ravel())
+    return [int(c) for c in np.argsort(-counts, kind="stable") if counts[c]]
+
+
 def class_colours(classes: np.ndarray) -> Image.Image:
-    """An h × w array of class indices in categorical colours (``PALETTE``, cycled)."""
-    palette = np.array(PALETTE, dtype=np.uint8)
-    return Image.fromarray(palette[classes % len(palette)], mode="RGB")
+    """An h × w array of class indices in categorical colours: the most frequent classes in
+    ``PALETTE`` order (as ``ranked_classes``), all rarer ones ``OTHER``."""
+    lookup = np.tile(np.array(OTHER, dtype=np.uint8), (int(classes.max()) + 1, 1))
+    for colour, index in zip(PALETTE, ranked_classes(classes)):
+        lookup[index] = colour
+    return Image.fromarray(lookup[classes], mode="RGB")
 
 
 def overlay(picture: Image.Image, cells: Image.Image, corners_y, corners_x, size: int, alpha: float = 0.55):

@@ -1,123 +1,242 @@
-"""The top-k report of one layer: per-channel figures, overview sheets, index.json, and the HTML page.
+"""``OUT/index.html``: one page over every result in ``OUT``, readable from ``file://`` with no network.
 
-Layout under ``OUT``: ``<layer>/ch{C:03d}.png``, ``<layer>/overview.png`` (``overview-2.png`` … when
-there are more than ``SHEET`` channels), ``<layer>/index.json``, and ``index.html`` for every
-layer run into ``OUT``.
+Every job writes ``OUT/<folder>/index.json`` with a ``kind`` (``project``, ``occlude``,
+``deconv``, or an analysis's) and calls ``write_report``; ``vizdeconv report OUT`` does the
+same on its own. The page has a section per result folder. A top-k layer's channels open in a
+channel view (``#<layer>/<channel>``: the figure large, with its top activations), where ←/→
+step through the channels, ↑/↓ through the layers and Esc closes; the script and styles are
+inline, so the page works offline.
 """
 
 from __future__ import annotations
 
 import html
 import json
-import math
-from collections.abc import Iterable
+import os
 from pathlib import Path
 
-import torch
+from vizdeconv.outputs import write_atomic
 
-from vizdeconv import render
-from vizdeconv.errors import ImageError
-from vizdeconv.layers import Layer
-from vizdeconv.models import LoadedModel
-from vizdeconv.outputs import save_json, save_png, write_atomic
-from vizdeconv.projections import layer_slug
-from vizdeconv.topk import Hit
-
-SHEET = 64  # channel figures per overview sheet
-DISPLAY = ("projections scaled symmetrically around zero, each on its own: 0.5 + 0.5·p/max|p| (zero is mid-grey); "
-           "patches and projections cropped to the unit's receptive field, white where it reaches past the image")
-
-Tiles = dict[int, dict[int, tuple]]  # channel → slot → (projection tile, patch tile)
+PAGE = "index.html"
 
 
-def make_tiles(model: LoadedModel, layer: Layer, found: dict[int, list[Hit]],
-               projected: Iterable[tuple[Path, torch.Tensor, list[tuple[int, int, torch.Tensor]]]]) -> Tiles:
-    """Turn ``topk.project_hits`` output into display tiles (channel → slot → (projection, patch))."""
-    side = render.tile_side(max(layer.field.size))
-    tiles: Tiles = {channel: {} for channel in found}
-    for _, image, entries in projected:
-        picture = render.input_to_image(image, model.mean, model.std)
-        for channel, slot, pixels in entries:
-            window = layer.field.window(*found[channel][slot].position)
-            tiles[channel][slot] = (render.field_tile(render.projection_to_image(pixels), window, side),
-                                    render.field_tile(picture, window, side))
-    return tiles
-
-
-def write_layer(out: Path, model: LoadedModel, layer: Layer, rule: str, k: int, found: dict[int, list[Hit]],
-                tiles: Tiles, scanned: int, failures: list[ImageError]) -> Path:
-    """Write the layer's folder and refresh ``OUT/index.html``; returns the layer folder."""
-    folder = out / layer_slug(layer)
-    columns = math.ceil(math.sqrt(k))
-    figures = []
-    channels = []
-    for channel, channel_hits in found.items():
-        if not channel_hits:
-            continue
-        pairs = [tiles[channel][slot] for slot in range(len(channel_hits))]
-        figure = render.channel_figure([p for p, _ in pairs], [q for _, q in pairs], columns,
-                                       f"{layer.label} ch {channel}: top {len(channel_hits)}, "
-                                       f"max {channel_hits[0].value:.3g}")
-        save_png(folder / f"ch{channel:03d}.png", figure)
-        figures.append(figure)
-        channels.append({"channel": channel, "png": f"ch{channel:03d}.png", "hits": [
-            {"image": str(h.image), "value": h.value, "position": list(h.position), "box": list(h.box),
-             "clipped": h.clipped} for h in channel_hits]})
-    sheets = []
-    for number, start in enumerate(range(0, len(figures), SHEET), start=1):
-        name = "overview.png" if number == 1 else f"overview-{number}.png"
-        last = min(start + SHEET, len(channels))
-        title = (f"{model.name}, {layer.label}, {rule} rule: channels {channels[start]['channel']}..{channels[last - 1]['channel']}, "
-                 f"top {k} over {scanned} images (left: projections, right: patches)")
-        save_png(folder / name, render.sheet(figures[start:last], 8, title))
-        sheets.append(name)
-    save_json(folder / "index.json", {
-        "model": model.name, "weights": model.weights, "layer": layer.number, "module": layer.name, "rule": rule,
-        "input_size": list(model.input_size), "k": k,
-        "receptive_field": {"size": list(layer.field.size), "stride": list(layer.field.stride),
-                            "offset": list(layer.field.offset)},
-        "images_scanned": scanned, "failed": [{"image": str(f.path), "reason": f.reason} for f in failures],
-        "display": DISPLAY, "overview": sheets, "channels": channels,
-    })
-    write_index_html(out)
-    return folder
-
-
-def write_index_html(out: Path) -> Path:
-    """A static page over every layer folder in ``out`` (thumbnails link to the full figures)."""
-    sections = []
+def write_report(out: str | os.PathLike) -> Path:
+    """Rebuild ``out/index.html`` from the ``index.json`` manifests under ``out``; returns its path."""
+    out = Path(out)
+    manifests = []
     for index in sorted(out.glob("*/index.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
-        data = json.loads(index.read_text())
-        folder = html.escape(index.parent.name)
-        title = f"layer {data['layer']} ({data['module']})" if data["layer"] else data["module"]
-        cards = "".join(
-            f'<figure><a href="{folder}/{c["png"]}"><img src="{folder}/{c["png"]}" loading="lazy"></a>'
-            f'<figcaption>ch {c["channel"]}: {c["hits"][0]["value"]:.3g}</figcaption></figure>'
-            for c in data["channels"])
-        overviews = " ".join(f'<a href="{folder}/{name}">{html.escape(name)}</a>' for name in data["overview"])
-        failed = "".join(f"<li>{html.escape(f['image'])}: {html.escape(f['reason'])}</li>" for f in data["failed"])
-        sections.append(
-            f'<section id="{folder}"><h2>{html.escape(title)}</h2>'
-            f"<p>{html.escape(data['model'])} ({html.escape(data['weights'])}), {html.escape(data['rule'])} rule, "
-            f"top {data['k']} over "
-            f"{data['images_scanned']} images; receptive field {data['receptive_field']['size'][0]} px. "
-            f"Overview: {overviews}. <a href=\"{folder}/index.json\">index.json</a></p>"
-            + (f"<details><summary>{len(data['failed'])} failed files</summary><ul>{failed}</ul></details>"
-               if failed else "")
-            + f'<div class="grid">{cards}</div></section>')
-    nav = " · ".join(f'<a href="#{html.escape(p.parent.name)}">{html.escape(p.parent.name)}</a>'
-                     for p in sorted(out.glob("*/index.json")))
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>vizdeconv: top activations</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; }}
-.grid {{ display: flex; flex-wrap: wrap; gap: 10px; }}
-figure {{ margin: 0; }} figure img {{ width: 240px; border: 1px solid #ccc; }}
-figcaption {{ font-size: 12px; color: #333; }}
-</style></head><body>
-<h1>vizdeconv: top activations per feature map</h1>
-<p>{html.escape(DISPLAY)}. Click a figure to see it full size. Layers: {nav}</p>
-{"".join(sections)}
+        try:
+            data = json.loads(index.read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or unreadable: the rest of the report still stands
+        if isinstance(data, dict) and "kind" in data:
+            manifests.append((index.parent.name, data))
+    sections = [SECTIONS.get(data["kind"], _figures_section)(folder, data, out) for folder, data in manifests]
+    layers = [{"slug": folder, "label": data["label"],
+               "channels": [{"channel": c["channel"], "png": f"{folder}/{c['png']}",
+                             "hits": [_hit_row(hit, out) for hit in c["hits"]]} for c in data["channels"]]}
+              for folder, data in manifests if data["kind"] == "project"]
+    nav = " · ".join(f'<a href="#{_attr(folder)}">{_text(_title(folder, data))}</a>' for folder, data in manifests)
+    page = TEMPLATE.format(
+        nav=nav or "nothing yet: run vizdeconv project, occlude or deconv with this --out",
+        sections="\n".join(sections), data=json.dumps({"layers": layers}).replace("</", "<\\/"),
+        style=STYLE, script=SCRIPT)
+    return write_atomic(out / PAGE, lambda file: file.write(page.encode()))
+
+
+def _text(value) -> str:
+    return html.escape(str(value), quote=False)
+
+
+def _attr(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _title(folder: str, data: dict) -> str:
+    return {"project": data.get("label", folder), "occlude": "occlusion", "deconv": "deconv"}.get(data["kind"], folder)
+
+
+def _link(path: str, out: Path) -> str | None:
+    """A relative link from the report to an input file, or None when it is not where the run left it."""
+    target = Path(path).resolve()
+    return Path(os.path.relpath(target, out.resolve())).as_posix() if target.is_file() else None
+
+
+def _hit_row(hit: dict, out: Path) -> dict:
+    return {"value": hit["value"], "image": hit["image"], "link": _link(hit["image"], out),
+            "position": hit["position"], "box": hit["box"], "clipped": hit["clipped"]}
+
+
+def _image_cell(path: str, out: Path) -> str:
+    link = _link(path, out)
+    return f'<a href="{_attr(link)}">{_text(path)}</a>' if link else _text(path)
+
+
+def _failed(data: dict, out: Path) -> str:
+    failed = data.get("failed", [])
+    if not failed:
+        return ""
+    items = "".join(f"<li>{_text(f['image'])}: {_text(f['reason'])}</li>" for f in failed)
+    return f'<details class="failed"><summary>{len(failed)} failed files</summary><ul>{items}</ul></details>'
+
+
+def _project_section(folder: str, data: dict, out: Path) -> str:
+    cards = "".join(
+        f'<a class="channel" href="#{_attr(folder)}/{c["channel"]}" title="channel {c["channel"]}">'
+        f'<img src="{_attr(folder)}/{_attr(c["png"])}" alt="channel {c["channel"]}" loading="lazy">'
+        f'<span>ch {c["channel"]} · max {c["hits"][0]["value"]:.3g}</span></a>'
+        for c in data["channels"])
+    sheets = " ".join(f'<a href="{_attr(folder)}/{_attr(name)}">{_text(name)}</a>' for name in data["overview"])
+    field = data["receptive_field"]
+    return (f'<section id="{_attr(folder)}" data-kind="project"><h2>{_text(data["label"])}</h2>'
+            f'<p>{_text(data["model"])} ({_text(data["weights"])}), {_text(data["rule"])} rule; top {data["k"]} '
+            f'over {data["images_scanned"]} images; receptive field {field["size"][0]}×{field["size"][1]} px, '
+            f'stride {field["stride"][0]}. Overview: {sheets or "none (no channel fired)"}; '
+            f'<a href="{_attr(folder)}/index.json">index.json</a>. Click a channel for its view.</p>'
+            f'{_failed(data, out)}<div class="channels">{cards}</div></section>')
+
+
+def _occlude_section(folder: str, data: dict, out: Path) -> str:
+    rows = "".join(
+        f'<tr><td><a href="{_attr(folder)}/{_attr(r["png"])}"><img src="{_attr(folder)}/{_attr(r["png"])}" '
+        f'alt="occlusion of {_attr(r["image"])}" loading="lazy"></a></td><td>{_image_cell(r["image"], out)}</td>'
+        f'<td>{_text(r["target_name"])}</td><td>{float(r["prob_clean"]):.3f}</td><td>{float(r["prob_min"]):.3f} at '
+        f'({r["prob_min_y"]}, {r["prob_min_x"]})</td><td>{_other_class(r)}</td></tr>'
+        for r in data["images"])
+    return (f'<section id="{_attr(folder)}" data-kind="occlude"><h2>Occlusion</h2>'
+            f'<p>{_text(data["model"])}, {_text(data["label"])}: square {data["size"]} px, stride {data["stride"]}, '
+            f'target {_text(data["target"])}, {_text(data["rule"])} rule for panel (c)'
+            f'{", APPROXIMATE maps" if data["approximate"] else ""}. '
+            f'<a href="{_attr(folder)}/summary.csv">summary.csv</a></p>{_failed(data, out)}'
+            '<table class="occlusion"><tr><th>figure</th><th>image</th><th>target</th><th>p unoccluded</th>'
+            f'<th>lowest p</th><th>most frequent other class</th></tr>{rows}</table></section>')
+
+
+def _other_class(row: dict) -> str:
+    if row["other_class"] == -1:
+        return "–"
+    return f'{_text(row["other_name"])} ({float(row["other_fraction"]):.0%})'
+
+
+def _deconv_section(folder: str, data: dict, out: Path) -> str:
+    cards = "".join(
+        f'<figure><a href="{_attr(folder)}/{_attr(f["png"])}"><img src="{_attr(folder)}/{_attr(f["png"])}" '
+        f'alt="{_attr(f["image"])}" loading="lazy"></a><figcaption>{_image_cell(f["image"], out)}: '
+        f'{_text(f["label"])}, {_text(f["rule"])}; channels {", ".join(str(h["channel"]) for h in f["hits"])}'
+        '</figcaption></figure>'
+        for f in data["figures"])
+    return (f'<section id="{_attr(folder)}" data-kind="deconv"><h2>Deconv projections</h2>{_failed(data, out)}'
+            f'<div class="figures">{cards}</div></section>')
+
+
+def _figures_section(folder: str, data: dict, out: Path) -> str:
+    """Any other kind: its ``figures`` (``png`` and ``caption``) and failed files."""
+    cards = "".join(
+        f'<figure><a href="{_attr(folder)}/{_attr(f["png"])}"><img src="{_attr(folder)}/{_attr(f["png"])}" '
+        f'alt="{_attr(f.get("caption", f["png"]))}" loading="lazy"></a>'
+        f'<figcaption>{_text(f.get("caption", f["png"]))}</figcaption></figure>' for f in data.get("figures", []))
+    return (f'<section id="{_attr(folder)}" data-kind="{_attr(data["kind"])}"><h2>{_text(data.get("title", folder))}'
+            f'</h2>{_failed(data, out)}<div class="figures">{cards}</div></section>')
+
+
+SECTIONS = {"project": _project_section, "occlude": _occlude_section, "deconv": _deconv_section}
+
+STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 0 1.5em 2em; color: #222; }
+header { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #ddd; padding: .5em 0; z-index: 1; }
+h1 { font-size: 1.3em; margin: .3em 0; } h2 { margin-top: 1.5em; }
+.channels { display: grid; grid-template-columns: repeat(auto-fill, minmax(250px, 1fr)); gap: 12px; }
+.channel { display: block; text-decoration: none; color: #222; border: 1px solid #ccc; padding: 4px; }
+.channel:hover, .channel:focus { border-color: #0072b2; outline: 2px solid #0072b2; }
+.channel img, figure img { width: 100%; display: block; }
+.channel span { font-size: 13px; }
+.figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 16px; }
+figure { margin: 0; } figcaption { font-size: 13px; }
+table.occlusion { border-collapse: collapse; } .occlusion td, .occlusion th { border-bottom: 1px solid #ddd;
+  padding: 4px 8px; text-align: left; vertical-align: middle; } .occlusion img { width: 360px; display: block; }
+.failed { color: #a33; margin: .5em 0; }
+#view { position: fixed; inset: 0; background: #fff; overflow: auto; padding: 1em 2em; z-index: 2; }
+#view[hidden] { display: none; }
+#view nav a { margin-right: 1em; } #view-figure { max-width: 100%; image-rendering: pixelated; border: 1px solid #ccc; }
+#view table { border-collapse: collapse; margin-top: 1em; font-size: 14px; }
+#view td, #view th { border-bottom: 1px solid #ddd; padding: 3px 10px; text-align: left; }
+kbd { border: 1px solid #bbb; border-radius: 3px; padding: 0 4px; font-size: 12px; }
+"""
+
+SCRIPT = """
+const data = JSON.parse(document.getElementById('data').textContent);
+const view = document.getElementById('view');
+function route() {
+  const match = /^#(.+)\\/(\\d+)$/.exec(decodeURIComponent(location.hash));
+  if (!match) return null;
+  const layer = data.layers.findIndex(l => l.slug === match[1]);
+  const channel = layer < 0 ? -1 : data.layers[layer].channels.findIndex(c => c.channel === Number(match[2]));
+  return channel < 0 ? null : {layer, channel};
+}
+function go(layer, channel) {
+  const l = data.layers[layer];
+  location.hash = '#' + l.slug + '/' + l.channels[channel].channel;
+}
+function cell(text, link) {
+  const td = document.createElement('td');
+  if (link) { const a = document.createElement('a'); a.href = link; a.textContent = text; td.append(a); }
+  else td.textContent = text;
+  return td;
+}
+function show() {
+  const at = route();
+  view.hidden = !at;
+  if (!at) return;
+  const layer = data.layers[at.layer], channel = layer.channels[at.channel];
+  document.getElementById('view-title').textContent =
+    layer.label + ', channel ' + channel.channel + ' (' + (at.channel + 1) + ' of ' + layer.channels.length + ')';
+  const figure = document.getElementById('view-figure');
+  figure.onload = () => { figure.style.width = Math.min(figure.naturalWidth * 1.6, view.clientWidth - 64) + 'px'; };
+  figure.src = channel.png;
+  const count = layer.channels.length, link = c => '#' + layer.slug + '/' + layer.channels[(c + count) % count].channel;
+  document.getElementById('view-close').href = '#' + layer.slug;
+  document.getElementById('view-previous').href = link(at.channel - 1);
+  document.getElementById('view-next').href = link(at.channel + 1);
+  const rows = document.getElementById('view-hits');
+  rows.replaceChildren();
+  channel.hits.forEach((hit, i) => {
+    const tr = document.createElement('tr');
+    tr.append(cell('#' + (i + 1)), cell(hit.value.toPrecision(4)), cell(hit.image, hit.link),
+              cell(hit.position.join(', ')), cell(hit.box.join(', ') + (hit.clipped ? ' (clipped)' : '')));
+    rows.append(tr);
+  });
+}
+document.addEventListener('keydown', event => {
+  const at = route();
+  if (!at || event.altKey || event.ctrlKey || event.metaKey) return;
+  const count = data.layers[at.layer].channels.length, layers = data.layers.length;
+  const moves = {
+    ArrowRight: () => go(at.layer, (at.channel + 1) % count),
+    ArrowLeft: () => go(at.layer, (at.channel + count - 1) % count),
+    ArrowDown: () => go((at.layer + 1) % layers, 0),
+    ArrowUp: () => go((at.layer + layers - 1) % layers, 0),
+    Escape: () => { location.hash = '#' + data.layers[at.layer].slug; },
+  };
+  if (moves[event.key]) { event.preventDefault(); moves[event.key](); }
+});
+window.addEventListener('hashchange', show);
+show();
+"""
+
+TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>vizdeconv report</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>{style}</style></head><body>
+<header><h1>vizdeconv: what the network has learned</h1><nav>{nav}</nav></header>
+<p>Projections are scaled symmetrically around zero (zero is mid-grey); top-k tiles show each unit's receptive field,
+grey where it reaches past the image. In a channel view: <kbd>←</kbd> <kbd>→</kbd> channels, <kbd>↑</kbd>
+<kbd>↓</kbd> layers, <kbd>Esc</kbd> back.</p>
+{sections}
+<div id="view" hidden><nav><a id="view-close" href="#view">× close (Esc)</a>
+<a id="view-previous" href="#view">← previous</a><a id="view-next" href="#view">next →</a></nav><h2 id="view-title"></h2><img id="view-figure" alt="channel figure">
+<table><thead><tr><th>rank</th><th>activation</th><th>image</th><th>position (y, x)</th>
+<th>receptive field (y0, x0, y1, x1)</th></tr></thead><tbody id="view-hits"></tbody></table></div>
+<script type="application/json" id="data">{data}</script>
+<script>{script}</script>
 </body></html>
 """
-    return write_atomic(out / "index.html", lambda file: file.write(page.encode()))

@@ -10,39 +10,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vizdeconv.deconv import Deconvnet
+from vizdeconv.deconvnet import Deconvnet, ImageProjections
 from vizdeconv.errors import ImageError, LayerError
-from vizdeconv.images import read_batches
-from vizdeconv.layers import Layer
+from vizdeconv.layers import Hit, Layer
 
 # Conv kernels choose their algorithm by batch size, so an activation can differ in its last bits
 # between batch sizes; the scan always runs chunks of this many images (the last one zero-padded)
 # so that rankings, and ties, are identical for any --batch-size or --workers.
 SCAN_CHUNK = 16
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One of a channel's top activations.
-
-    Attributes:
-        image: the image file.
-        value: the activation (the maximum of the channel's map on that image).
-        position: ``(y, x)`` in the layer's map.
-        box: ``(y0, x0, y1, x1)`` receptive field in input pixels, end exclusive, clipped.
-        clipped: whether the receptive field reaches past the image border.
-    """
-
-    image: Path
-    value: float
-    position: tuple[int, int]
-    box: tuple[int, int, int, int]
-    clipped: bool
 
 
 class TopK:
@@ -84,26 +63,24 @@ def parse_channels(spec: str, count: int) -> list[int]:
     return sorted(chosen)
 
 
-def scan(deconvnet: Deconvnet, paths: Sequence[Path], top: TopK, *, batch_size: int = 32,
-         workers: int = 0) -> Iterator[int | ImageError]:
+def scan(deconvnet: Deconvnet, paths: Sequence[Path], top: TopK, failures: list[ImageError], *,
+         batch_size: int = 32, workers: int = 0) -> Iterator[int]:
     """Run the images through the model up to the deconvnet's layer, folding each batch into ``top``.
 
-    ``paths`` must be in the order that breaks ties (``find_images`` sorts them). Yields the
-    number of images in each batch done, and an ``ImageError`` per file that failed.
+    ``paths`` must be in the order that breaks ties (``find_images`` sorts them). Files that fail
+    go to ``failures``. Yields how many images are done (read or failed) after each batch.
     """
     model = deconvnet.model
     rank = {path: i for i, path in enumerate(paths)}
-    for batch in read_batches(paths, preprocess=model.preprocess, channels=model.input_size[0],
-                              background=model.mean, batch_size=batch_size, workers=workers):
-        if isinstance(batch, ImageError):
-            yield batch
-            continue
+    scanned = 0
+    for batch in model.read(paths, failures, batch_size=batch_size, workers=workers):
         ranks = torch.tensor([rank[p] for p in batch.paths])
         for images, chunk_ranks in zip(batch.images.split(SCAN_CHUNK), ranks.split(SCAN_CHUNK)):
             padded = torch.cat([images, images.new_zeros(SCAN_CHUNK - len(images), *images.shape[1:])])
             activations = deconvnet.activations(padded.to(model.device, non_blocking=True))
             top.update(activations[: len(images)], chunk_ranks)
-        yield len(batch.paths)
+        scanned += len(batch.paths)
+        yield scanned + len(failures)
 
 
 def hits(top: TopK, layer: Layer, paths: Sequence[Path], input_size: tuple[int, int, int]) -> dict[int, list[Hit]]:
@@ -112,45 +89,29 @@ def hits(top: TopK, layer: Layer, paths: Sequence[Path], input_size: tuple[int, 
     Only positive maxima count (a channel silent on an image has nothing to project), so a
     channel can have fewer than k hits, or none (a dead filter).
     """
-    height, width = input_size[1:]
     map_width = layer.output_shape[2]
     result = {}
     for channel, values, ranks, places in zip(top.channels.tolist(), top.values.tolist(), top.ranks.tolist(),
                                               top.places.tolist()):
-        result[channel] = []
-        for value, rank, place in zip(values, ranks, places):
-            if value <= 0:  # the unit never fired on this image: nothing to project
-                continue
-            y, x = divmod(place, map_width)
-            box = layer.field.box(y, x, height, width)
-            result[channel].append(Hit(paths[rank], value, (y, x), box, box != layer.field.window(y, x)))
+        result[channel] = [layer.hit(paths[rank], channel, divmod(place, map_width), value, input_size)
+                           for value, rank, place in zip(values, ranks, places)
+                           if value > 0]  # the unit never fired on this image: nothing to project
     return result
 
 
-def project_hits(deconvnet: Deconvnet, found: dict[int, list[Hit]], *, batch_size: int = 32
-                 ) -> Iterator[tuple[Path, torch.Tensor, list[tuple[int, int, torch.Tensor]]]]:
-    """Project every hit, one forward pass per image: yields ``(image, input, [(channel, slot, projection)])``.
+def project_hits(deconvnet: Deconvnet, found: dict[int, list[Hit]], failures: list[ImageError], *,
+                 batch_size: int = 32) -> Iterator[ImageProjections]:
+    """Project every hit, one forward pass per image, images in path order.
 
-    ``slot`` is the hit's place in its channel's list. Images are read again (nothing was kept by
-    the scan); one that no longer loads raises its ``ImageError``.
+    Images are read again (nothing was kept by the scan); one that no longer loads goes to ``failures``.
     """
     model = deconvnet.model
-    wanted: dict[Path, list[tuple[int, int, Hit]]] = defaultdict(list)
-    for channel, channel_hits in found.items():
-        for slot, hit in enumerate(channel_hits):
-            wanted[hit.image].append((channel, slot, hit))
-    images = sorted(wanted)
-    for batch in read_batches(images, preprocess=model.preprocess, channels=model.input_size[0],
-                              background=model.mean, batch_size=batch_size):
-        if isinstance(batch, ImageError):
-            raise batch
+    wanted: dict[Path, list[Hit]] = defaultdict(list)
+    for channel_hits in found.values():
+        for hit in channel_hits:
+            wanted[hit.image].append(hit)
+    for batch in model.read(sorted(wanted), failures, batch_size=batch_size):
         forward = deconvnet.forward(batch.images.to(model.device))
-        seeds = [(i, channel, *hit.position) for i, path in enumerate(batch.paths)
-                 for channel, _, hit in wanted[path]]
-        pixels = deconvnet.project(forward, torch.tensor(seeds, dtype=torch.long)).cpu()
-        start = 0
-        for i, path in enumerate(batch.paths):
-            entries = wanted[path]
-            yield path, batch.images[i], [(channel, slot, pixels[start + j])
-                                          for j, (channel, slot, _) in enumerate(entries)]
-            start += len(entries)
+        projected = deconvnet.project_hits(forward, [wanted[path] for path in batch.paths])
+        for path, image, projections in zip(batch.paths, batch.images, projected):
+            yield ImageProjections(path, image, projections)

@@ -16,13 +16,17 @@ per image and one backward pass per seed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vizdeconv import ops
 from vizdeconv.errors import LayerError
-from vizdeconv.layers import Chain, Layer, Layers, Step
+from vizdeconv.layers import Chain, Hit, Layer, Layers, Step
 from vizdeconv.models import LoadedModel
 from vizdeconv.rules import apply_rules, check_rule
 from vizdeconv.switches import Forward, PointRecorder, SwitchRecorder
@@ -93,6 +97,40 @@ class Deconvnet:
         if self.walks:
             return walk(self.layers.chain, self.layer.chain_index, forward, seeds)
         return _backward(forward, seeds)
+
+    def project_hits(self, forward: Forward, hits: Sequence[Sequence[Hit]]) -> list[list[Projection]]:
+        """Project ``hits[i]``, the hits on image ``i`` of the batch ``forward`` ran on, keeping their order."""
+        seeds = torch.tensor([(i, hit.channel, *hit.position) for i, image_hits in enumerate(hits)
+                              for hit in image_hits], dtype=torch.long).view(-1, 4)
+        pixels = iter(self.project(forward, seeds).cpu())
+        return [[Projection(hit, next(pixels)) for hit in image_hits] for image_hits in hits]
+
+    def strongest_hits(self, forward: Forward, paths: Sequence[Path], **choice) -> list[list[Hit]]:
+        """Each image's hits from ``strongest(forward.activations, **choice)``, strongest first."""
+        seeds = strongest(forward.activations, **choice)
+        values = forward.activations[tuple(seeds.T)].tolist()
+        hits: list[list[Hit]] = [[] for _ in paths]
+        for (image, channel, y, x), value in zip(seeds.tolist(), values):
+            hits[image].append(self.layer.hit(paths[image], channel, (y, x), value, self.model.input_size))
+        return hits
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A hit projected to input space: ``pixels`` is ``(C, H, W)`` float32 in the model's normalised
+    input space, raw (seeded with the hit's value)."""
+
+    hit: Hit
+    pixels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ImageProjections:
+    """The projections of one image's hits, with the preprocessed ``(C, H, W)`` input they came from."""
+
+    path: Path
+    input: torch.Tensor
+    projections: list[Projection]
 
 
 def _backward(forward: Forward, seeds: torch.Tensor) -> torch.Tensor:

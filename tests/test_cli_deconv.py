@@ -1,8 +1,7 @@
-"""Every command end to end through click's CliRunner, on the shipped model and sample images."""
+"""`vizdeconv deconv` through click's CliRunner, checked against the deconvnet oracles."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,54 +12,17 @@ from click.testing import CliRunner
 from oracles import graph_oracle, oracle
 
 from vizdeconv.cli import main
-from vizdeconv.deconv import Deconvnet
+from vizdeconv.deconvnet import Deconvnet
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION = ROOT / "sample_images" / "fashion-mnist"
+FACTORY = ("--model", "factories:functional", "--input-size", "20")
 
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def test_layers_json_and_table():
-    result = run("layers", "--json")
-    assert result.exit_code == 0
-    data = json.loads(result.stdout)
-    # every (C, H, W) module output is a row; the numbered ones are the rectified convs
-    assert [row["module"] for row in data["layers"]] == [f"features.{i}" for i in range(13)] + ["features"]
-    numbered = [row for row in data["layers"] if row["layer"] is not None]
-    assert [row["layer"] for row in numbered] == [1, 2, 3, 4, 5]
-    assert numbered[4]["output_shape"] == [64, 7, 7] and data["input_size"] == [1, 28, 28]
-    assert numbered[4]["module"] == "features.11" and numbered[4]["path"] == "walk"
-    assert data["chain_end"] == "the model's output"
-    assert [op["op"] for op in data["ops"]] == ["relu", "conv2d", "max_pool2d"]
-    table = run("layers")
-    assert table.exit_code == 0 and "features.13" not in table.stdout and "classifier" not in table.stdout
-    assert "walk" in table.stdout and "autograd" in table.stdout  # (cells wrap at 80 columns)
-    assert "max_pool2d: unpooled through the switches" in table.stdout
-
-
-def test_layers_table_shows_module_names_and_rule_texts_in_80_columns():
-    table = run("layers")
-    assert "features.11" in table.stdout
-    assert "guided = 1[f>0]·relu(R)" in table.stdout and "gradient = 1[f>0]·R" in table.stdout
-
-
-def test_predict_classifies_the_shipped_samples():
-    result = run("predict", FASHION, "--json", "--top", "2")
-    assert result.exit_code == 0
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(lines) == 20
-    truth = {"t-shirt-top": "T-shirt/top", "ankle-boot": "Ankle boot"}
-    correct = 0
-    for line in lines:
-        label = Path(line["image"]).stem.split("_", 1)[1]
-        correct += line["classes"][0]["name"] == truth.get(label, label.capitalize())
-        assert line["classes"][0]["probability"] >= line["classes"][1]["probability"]
-    assert correct >= 17
 
 
 def test_deconv_writes_figures_and_npz_matching_the_oracle(tmp_path, embedded):
@@ -72,7 +34,7 @@ def test_deconv_writes_figures_and_npz_matching_the_oracle(tmp_path, embedded):
     assert result.exit_code == 1
     assert "broken.png" in result.stderr and "missing.png: no such file" in result.stderr
     assert "20 images projected, 2 failed" in result.stderr
-    folder = out / "test00000_ankle-boot"
+    folder = out / "deconv" / "test00000_ankle-boot"
     saved = sorted(folder.glob("layer5_ch*.npz"))
     assert (folder / "layer5.png").exists() and len(saved) == 2
     layers = trace_layers(embedded)
@@ -102,7 +64,7 @@ def test_deconv_with_a_rule_at_a_module_off_the_chain(tmp_path, embedded):
     result = run("deconv", FASHION / "test00008_sandal.png", "--layer", "features", "--rule", "guided", "--top", "2",
                  "--out", out)
     assert result.exit_code == 0, result.output
-    folder = out / "test00008_sandal"
+    folder = out / "deconv" / "test00008_sandal"
     saved = sorted(folder.glob("features_ch*.npz"))
     assert (folder / "features.png").exists() and len(saved) == 2
     layer = trace_layers(embedded).layer("features")
@@ -120,7 +82,7 @@ def test_deconv_channel_and_position(tmp_path):
     result = run("deconv", FASHION / "test00001_pullover.png", "--layer", "3", "--channel", "7",
                  "--position", "2,3", "--out", out)
     assert result.exit_code == 0
-    data = np.load(out / "test00001_pullover" / "layer3_ch007.npz")
+    data = np.load(out / "deconv" / "test00001_pullover" / "layer3_ch007.npz")
     assert data["position"].tolist() == [2, 3] and int(data["channel"]) == 7
 
 
@@ -132,38 +94,8 @@ def test_usage_errors_are_one_line_with_exit_code_2(tmp_path):
     assert result.exit_code == 2 and "no layer 'features.99'; nearest: features.9" in result.stderr
     result = run("deconv", FASHION, "--layer", "1", "--rule", "backprop")
     assert result.exit_code == 2 and "'backprop' is not one of 'deconvnet', 'guided', 'gradient'" in result.stderr
-    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pt")
-    result = run("predict", FASHION, "--weights", tmp_path / "model.pt")
-    assert result.exit_code == 2 and "refused, it pickles torch.nn.modules.linear.Linear, which could run arbitrary code" in result.stderr
     result = run("deconv", FASHION, "--layer", "1", "--position", "x")
     assert result.exit_code == 2 and "--position expects Y,X" in result.stderr
-
-
-def test_readme_documents_every_command():
-    readme = (ROOT / "README.md").read_text()
-    for name in main.commands:
-        assert f"vizdeconv {name}" in readme, name
-
-
-def test_readme_table_lists_every_operation_and_its_rule():
-    from vizdeconv import ops
-
-    readme = (ROOT / "README.md").read_text()
-    for op in ops.OPS:
-        assert f"| `{op.name}` |" in readme and op.down in readme, op.name
-
-
-FACTORY = ("--model", "factories:functional", "--input-size", "20")
-
-
-def test_layers_of_a_graph_factory_name_every_call_and_rule():
-    result = run("layers", *FACTORY, "--json")
-    assert result.exit_code == 0, result.output
-    rows = {row["module"]: row for row in json.loads(result.stdout)["layers"]}
-    assert {"act@1", "act@2", "summed", "joined", "top"} <= rows.keys() and "act" not in rows
-    assert rows["top"]["path"] == "autograd" and rows["top"]["unknown"] is None
-    assert {"add", "cat", "relu6", "local_response_norm"} <= set(rows["top"]["below"])
-    assert rows["joined"]["rf_size"] == [7, 7] and rows["joined"]["rf_stride"] == [2, 2]
 
 
 def test_deconv_through_a_graph_with_each_rule_matches_the_oracle(tmp_path):
@@ -176,7 +108,7 @@ def test_deconv_through_a_graph_with_each_rule_matches_the_oracle(tmp_path):
     for rule in ("deconvnet", "guided", "gradient"):
         result = run("deconv", image, *FACTORY, "--layer", "joined", "--rule", rule, "--out", tmp_path / rule)
         assert result.exit_code == 0, result.output
-        (saved,) = (tmp_path / rule / "test00008_sandal").glob("joined_ch*.npz")
+        (saved,) = (tmp_path / rule / "deconv" / "test00008_sandal").glob("joined_ch*.npz")
         data = np.load(saved)
         assert str(data["rule"]) == rule and str(data["module"]) == "joined"
         expected = graph_oracle(model, layer, torch.from_numpy(data["input"]), (0, int(data["channel"]),

@@ -1,0 +1,47 @@
+"""`vizdeconv project` through click's CliRunner: the layer folder, its index.json, the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vizdeconv.cli import main
+
+FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    shutil.copytree(FASHION, tmp_path / "a")
+    return tmp_path
+
+
+def test_project_command_end_to_end(folder):
+    (folder / "a" / "broken.jpg").write_text("not an image")
+    out = folder / "out"
+    runner = CliRunner()
+    result = runner.invoke(main, ["project", "--layer", "2", "--images", str(folder / "a"), "--channels", "0-3",
+                                  "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 1 and "broken.jpg: not an image file" in result.stderr
+    index = json.loads((out / "layer2" / "index.json").read_text())
+    assert index["layer"] == 2 and index["module"] == "features.4" and index["images_scanned"] == 20
+    assert index["rule"] == "deconvnet"
+    assert index["failed"][0]["image"].endswith("broken.jpg")
+    assert [c["channel"] for c in index["channels"]] == [0, 1, 2, 3]
+    for channel in index["channels"]:
+        assert (out / "layer2" / channel["png"]).exists()
+        values = [h["value"] for h in channel["hits"]]
+        assert values == sorted(values, reverse=True) and len(values) <= 9
+        assert len({h["image"] for h in channel["hits"]}) == len(values)
+    assert (out / "layer2" / "overview.png").exists()
+    result = runner.invoke(main, ["project", "--layer", "1", "--out", str(out), "--channels", "0", "--rule",
+                                  "guided"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "layer1" / "index.json").read_text())["rule"] == "guided"
+    page = (out / "index.html").read_text()
+    assert 'href="#layer1/0"' in page and 'src="layer2/ch003.png"' in page
+    assert "guided rule" in page and "deconvnet rule" in page

@@ -1,0 +1,148 @@
+"""The pictures each command writes, composed from ``render``'s pieces.
+
+Top-k figures read like the paper's Fig. 2: equal tiles on a regular grid, the projections on
+the left and the image patches that caused them on the right in the same order, each tile
+captioned; occlusion figures follow Fig. 7; deconv figures show each projection beside its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from vizdeconv import render
+from vizdeconv.deconvnet import Projection
+from vizdeconv.layers import Layer
+from vizdeconv.models import LoadedModel
+from vizdeconv.occlusion import OcclusionMaps
+
+GAP, BLOCK_GAP, MARGIN, CAPTION = 4, 20, 10, 16  # pixels between tiles, between the two blocks, around, per caption
+FRAME = (140, 140, 140)  # the thin line around every tile
+THUMB_WIDTH = 360  # a channel figure's width on an overview sheet
+SHEET_COLUMNS = 6
+
+
+def top_tiles(model: LoadedModel, layer: Layer, image: torch.Tensor, projection: Projection
+              ) -> tuple[Image.Image, Image.Image]:
+    """The projection and the image patch of one top-k hit, as tiles of the layer's field."""
+    window = render.display_window(layer.field.window(*projection.hit.position), *model.input_size[1:])
+    return (render.field_tile(render.projection_to_image(projection.pixels), window),
+            render.field_tile(render.input_to_image(image, model.mean, model.std), window))
+
+
+def _tile_block(tiles: Sequence[Image.Image], captions: Sequence[str], columns: int) -> Image.Image:
+    """Framed tiles in rows of ``columns``, each with its caption underneath."""
+    width, height = tiles[0].size
+    cell_w, cell_h = width + 2 + GAP, height + 2 + CAPTION + GAP
+    rows = -(-len(tiles) // columns)
+    block = Image.new("RGB", (columns * cell_w - GAP, rows * cell_h - GAP), "white")
+    draw = ImageDraw.Draw(block)
+    for i, (tile, caption) in enumerate(zip(tiles, captions)):
+        left, top = (i % columns) * cell_w, (i // columns) * cell_h
+        draw.rectangle([left, top, left + width + 1, top + height + 1], outline=FRAME)
+        block.paste(tile, (left + 1, top + 1))
+        draw.text((left + 1, top + height + 3), render.fit_text(caption, width), fill="black", font=render.font(12))
+    return block
+
+
+def channel_figure(title: str, projections: Sequence[Image.Image], patches: Sequence[Image.Image],
+                   values: Sequence[float], names: Sequence[str], columns: int) -> Image.Image:
+    """Paper Fig. 2 for one channel: projections (captioned rank and activation) left, patches
+    (captioned with their image's name) right, strongest first, row by row."""
+    left = _tile_block(projections, [f"#{i + 1}  {v:.3g}" for i, v in enumerate(values)], columns)
+    right = _tile_block(patches, names, columns)
+    top = MARGIN + 22 + 18
+    figure = Image.new("RGB", (2 * MARGIN + left.width + BLOCK_GAP + right.width, top + left.height + MARGIN), "white")
+    draw = ImageDraw.Draw(figure)
+    draw.text((MARGIN, MARGIN), title, fill="black", font=render.font(15))
+    draw.text((MARGIN, MARGIN + 22), "projections", fill=(80, 80, 80), font=render.font(12))
+    draw.text((MARGIN + left.width + BLOCK_GAP, MARGIN + 22), "image patches", fill=(80, 80, 80), font=render.font(12))
+    figure.paste(left, (MARGIN, top))
+    figure.paste(right, (MARGIN + left.width + BLOCK_GAP, top))
+    return figure
+
+
+def overview(figures: Sequence[Image.Image], title: str) -> Image.Image:
+    """Channel figures shrunk to ``THUMB_WIDTH`` and tiled under a title, ``SHEET_COLUMNS`` a row."""
+    thumbs = [f.resize((THUMB_WIDTH, max(1, round(f.height * THUMB_WIDTH / f.width))), Image.LANCZOS)
+              for f in figures]
+    cell_w, cell_h = THUMB_WIDTH + GAP * 2, max(t.height for t in thumbs) + GAP * 2
+    columns = min(SHEET_COLUMNS, len(thumbs))
+    rows = -(-len(thumbs) // columns)
+    page = Image.new("RGB", (columns * cell_w + 2 * MARGIN, rows * cell_h + 40), "white")
+    ImageDraw.Draw(page).text((MARGIN, 10), title, fill="black", font=render.font(16))
+    for i, thumb in enumerate(thumbs):
+        page.paste(thumb, (MARGIN + (i % columns) * cell_w, 36 + (i // columns) * cell_h))
+    return page
+
+
+def deconv_figure(model: LoadedModel, title: str, image: torch.Tensor, projections: Sequence[Projection]
+                  ) -> Image.Image:
+    """One row per projection: the input with the unit's receptive field boxed, the projection,
+    and both cropped to the field."""
+    picture = render.input_to_image(image, model.mean, model.std)
+    scale = render.PANEL / max(picture.size)
+    rows = []
+    for projection in projections:
+        hit = projection.hit
+        pixels = render.projection_to_image(projection.pixels)
+        rows.append(render.labelled_row(
+            [render.draw_box(render.fit(picture), hit.box, scale), render.draw_box(render.fit(pixels), hit.box, scale),
+             render.fit(render.crop(picture, hit.box)), render.fit(render.crop(pixels, hit.box))],
+            [f"input, ch {hit.channel} at {hit.position}", f"projection (activation {hit.value:.3g})", "input patch",
+             "projection patch"]))
+    return render.stack(rows, title)
+
+
+def occlusion_figure(model: LoadedModel, image: torch.Tensor, projection: torch.Tensor, maps: OcclusionMaps,
+                     rule: str) -> Image.Image:
+    """Paper Fig. 7: (a) input and square, (b) feature map total, (c) its projection, (d) p(target),
+    (e) most probable class, then (b), (d), (e) overlaid on the input, and the class legend."""
+    picture = render.input_to_image(image, model.mean, model.std)
+    scale = render.PANEL / max(picture.size)
+    corner = np.unravel_index(int(maps.prob_true.argmin()), maps.prob_true.shape)
+    y, x = int(maps.positions_y[corner[0]]), int(maps.positions_x[corner[1]])
+    square = render.draw_box(render.fit(picture), (y, x, y + maps.size, x + maps.size), scale)
+    name = model.categories[maps.target]
+    features = render.heatmap(maps.feature_total, float(maps.feature_total.min()), float(maps.feature_total.max()))
+    probability = render.heatmap(maps.prob_true, 0.0, 1.0)
+    classes = render.class_colours(maps.top_class)
+    top = render.labelled_row(
+        [square, render.fit(features), render.fit(render.projection_to_image(projection)), render.fit(probability),
+         render.fit(classes)],
+        [f"(a) square {maps.size}px, stride {maps.stride}", f"(b) ch {maps.channel} total "
+         f"{maps.feature_total.min():.3g}..{maps.feature_total.max():.3g}", f"(c) ch {maps.channel} projection ({rule})",
+         f"(d) p({name[:16]}) 0..1", "(e) most probable class"])
+    overlays = [render.overlay(picture, cells, maps.positions_y, maps.positions_x, maps.size)
+                for cells in (features, probability, classes)]
+    bottom = render.labelled_row([render.fit(o) for o in overlays] + [legend(model, maps.top_class)],
+                                 ["(b) over the input", "(d) over the input", "(e) over the input", "classes (e)"])
+    title = (f"{model.name}, {'layer ' + str(maps.layer) if maps.layer else maps.module}: target {name} "
+             f"(p = {maps.prob_clean:.3f} unoccluded; lowest {maps.prob_true.min():.3f}, square marked in (a))"
+             + ("; APPROXIMATE maps" if maps.method.startswith("approximate") else ""))
+    return render.stack([top, bottom], title)
+
+
+def legend(model: LoadedModel, top_class: np.ndarray) -> Image.Image:
+    """The colours of ``render.class_colours`` with each class's name and share of the positions,
+    and the colour scale of (b) and (d)."""
+    counts = np.bincount(top_class.ravel())
+    ranked = render.ranked_classes(top_class)
+    entries = [(render.PALETTE[i], model.categories[c], counts[c]) for i, c in enumerate(ranked[:len(render.PALETTE)])]
+    if len(ranked) > len(render.PALETTE):
+        rest = ranked[len(render.PALETTE):]
+        entries.append((render.OTHER, f"{len(rest)} other classes", sum(counts[c] for c in rest)))
+    panel = Image.new("RGB", (render.PANEL, render.PANEL), "white")
+    draw = ImageDraw.Draw(panel)
+    for row, (colour, name, count) in enumerate(entries):
+        draw.rectangle([4, 4 + row * 20, 18, 18 + row * 20], fill=colour, outline=(60, 60, 60))
+        draw.text((24, 4 + row * 20), render.fit_text(f"{name} {count / top_class.size:.0%}", render.PANEL - 28),
+                  fill="black", font=render.font(12))
+    scale = render.heatmap(np.tile(np.linspace(0, 1, render.PANEL - 8), (12, 1)), 0.0, 1.0)
+    panel.paste(scale, (4, render.PANEL - 18))
+    draw.text((4, render.PANEL - 34), "(b), (d): low", fill="black", font=render.font(12))
+    draw.text((render.PANEL - 4, render.PANEL - 34), "high", fill="black", font=render.font(12), anchor="ra")
+    return panel

@@ -1,0 +1,43 @@
+"""The commands as library jobs: build one with its options, then ``run(paths, progress=…)``.
+
+Each job finds the image files, owns resuming and its summary files, writes its results under
+``OUT`` (refreshing ``OUT/index.html``) and returns a typed report; a file that fails is
+reported, never fatal. The CLI parses options, runs one job, prints its report; notebooks and
+benchmarks use the same jobs::
+
+    import vizdeconv as vd
+    model = vd.load_model("efficientnet_lite0")
+    report = vd.ProjectJob(model, "_blocks.9", channels="0-7", k=4).run(["photos/"])
+    report.hits[3]        # channel 3's top activations, strongest first
+    report.folder         # OUT/_blocks_9 with ch003.png, overview.png, index.json
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from vizdeconv.errors import ImageError, VizDeconvError
+from vizdeconv.images import find_images
+
+Progress = Callable[[str, int, "int | None"], None]
+"""``progress(stage, done, total)``: called as work advances; ``total`` None while unknown."""
+
+
+def no_progress(stage: str, done: int, total: int | None) -> None:
+    """The default: report nothing."""
+
+
+def find_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[ImageError]]:
+    """Image files under ``paths`` (sorted) and an ``ImageError`` for each path that does not exist.
+
+    Raises:
+        VizDeconvError: nothing at all was found.
+    """
+    paths = [str(p) for p in paths]
+    images, missing = find_images(paths)
+    failures = [ImageError(path, reason) for path, reason in missing]
+    if not images and not failures:
+        raise VizDeconvError("no image files found in " + ", ".join(paths))
+    return images, failures
