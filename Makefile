@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: demo test bench clean
+SAMPLES := sample_images/fashion-mnist
+
+.PHONY: demo test bench check-report clean
 
 $(READY): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,8 +15,13 @@ $(READY): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(READY)
 
+# the main job (top-9 grids of layer 5), then occlusion and deconv figures of four samples: one report over all three
 demo: $(READY)
 	$(BIN)/vizdeconv project --layer 5
+	$(BIN)/vizdeconv occlude $(SAMPLES)/test00000_ankle-boot.png $(SAMPLES)/test00001_pullover.png \
+		$(SAMPLES)/test00008_sandal.png $(SAMPLES)/test00023_ankle-boot.png
+	$(BIN)/vizdeconv deconv $(SAMPLES)/test00000_ankle-boot.png $(SAMPLES)/test00001_pullover.png \
+		$(SAMPLES)/test00008_sandal.png $(SAMPLES)/test00023_ankle-boot.png --layer 5 --top 3
 
 test: $(READY)
 	$(BIN)/python -m pytest -q
@@ -25,5 +32,10 @@ bench: $(READY)
 	$(BIN)/python benchmarks/bench_occlusion.py
 	$(BIN)/python benchmarks/bench_graph.py
 
+# the demo's report in headless Chromium (Debian's chromium package): broken images, links, console errors
+check-report: demo
+	$(BIN)/pip install --quiet playwright
+	$(BIN)/python scripts/check_report.py vizdeconv-out --screenshots check-report
+
 clean:
-	rm -rf $(VENV) vizdeconv-out
+	rm -rf $(VENV) vizdeconv-out check-report

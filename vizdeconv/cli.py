@@ -143,6 +143,14 @@ def main() -> None:
     """See what a convnet has learned (Zeiler & Fergus 2014): deconvnet projections and more."""
 
 
+def images_command(name: str) -> Callable:
+    """A command that runs a model over image files and folders: the model options, ``--batch-size``, PATHS."""
+    def decorate(command: Callable) -> Callable:
+        command = click.argument("paths", nargs=-1, required=True)(command)
+        return main.command(name)(model_options(batch_size_option(command)))
+    return decorate
+
+
 @main.command()
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -176,10 +184,7 @@ def layers(model: LoadedModel, as_json: bool) -> None:
               "RF stride 0 = the unit sees the whole image")
 
 
-@main.command()
-@model_options
-@batch_size_option
-@click.argument("paths", nargs=-1, required=True)
+@images_command("predict")
 @click.option("--top", default=5, show_default=True, type=click.IntRange(min=1), help="Classes per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines for scripts.")
 def predict(model: LoadedModel, paths: tuple[str, ...], batch_size: int, top: int, as_json: bool) -> None:
@@ -195,10 +200,7 @@ def predict(model: LoadedModel, paths: tuple[str, ...], batch_size: int, top: in
     _finish(len(done.predictions), done.failures, "images")
 
 
-@main.command()
-@model_options
-@batch_size_option
-@click.argument("paths", nargs=-1, required=True)
+@images_command("deconv")
 @layer_option(required=True)
 @rule_option
 @click.option("--channel", type=click.IntRange(min=0), help="Project this channel only.")
@@ -249,10 +251,7 @@ def project_command(model: LoadedModel, batch_size: int, layer_spec: str, rule: 
     _finish(done.scanned, done.failures, "images scanned", out_dir)
 
 
-@main.command("occlude")
-@model_options
-@batch_size_option
-@click.argument("paths", nargs=-1, required=True)
+@images_command("occlude")
 @click.option("--size", type=click.IntRange(min=1), help="Square side in input pixels [default: 50 at 224², scaled].")
 @click.option("--stride", type=click.IntRange(min=1), help="Square step in input pixels [default: 8 at 224², scaled].")
 @click.option("--fill", default="mean", show_default=True,

@@ -65,17 +65,21 @@ def channel_figure(title: str, projections: Sequence[Image.Image], patches: Sequ
     return figure
 
 
-def overview(figures: Sequence[Image.Image], title: str) -> Image.Image:
-    """Channel figures shrunk to ``THUMB_WIDTH`` and tiled under a title, ``SHEET_COLUMNS`` a row."""
+def overview(figures: Sequence[Image.Image], labels: Sequence[str], title: str) -> Image.Image:
+    """Channel figures shrunk to ``THUMB_WIDTH``, each under a legible label, ``SHEET_COLUMNS`` a row."""
     thumbs = [f.resize((THUMB_WIDTH, max(1, round(f.height * THUMB_WIDTH / f.width))), Image.LANCZOS)
               for f in figures]
-    cell_w, cell_h = THUMB_WIDTH + GAP * 2, max(t.height for t in thumbs) + GAP * 2
+    label_height = 20
+    cell_w, cell_h = THUMB_WIDTH + GAP * 2, max(t.height for t in thumbs) + label_height + GAP * 2
     columns = min(SHEET_COLUMNS, len(thumbs))
     rows = -(-len(thumbs) // columns)
     page = Image.new("RGB", (columns * cell_w + 2 * MARGIN, rows * cell_h + 40), "white")
-    ImageDraw.Draw(page).text((MARGIN, 10), title, fill="black", font=render.font(16))
-    for i, thumb in enumerate(thumbs):
-        page.paste(thumb, (MARGIN + (i % columns) * cell_w, 36 + (i // columns) * cell_h))
+    draw = ImageDraw.Draw(page)
+    draw.text((MARGIN, 10), title, fill="black", font=render.font(16))
+    for i, (thumb, label) in enumerate(zip(thumbs, labels)):
+        left, top = MARGIN + (i % columns) * cell_w, 36 + (i // columns) * cell_h
+        draw.text((left, top), label, fill="black", font=render.font(15))
+        page.paste(thumb, (left, top + label_height))
     return page
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from vizdeconv import ops
 from vizdeconv.errors import LayerError
-from vizdeconv.graph import Field, Graph, Point, trace
+from vizdeconv.graph import Graph, Point, trace
 from vizdeconv.models import LoadedModel
 
 # Ops the chain walk (deconvnet.walk) inverts on windows; anything else goes through autograd with rules.
@@ -142,17 +142,10 @@ class Layer:
     chain_index: int | None = None
     conv: str | None = None
 
-    @property
-    def name(self) -> str:
-        return self.point.name
-
-    @property
-    def output_shape(self) -> tuple[int, ...]:
-        return self.point.output_shape
-
-    @property
-    def field(self) -> Field:
-        return self.point.field
+    # what the layer's point knows: its name (``layer3``, ``relu@2``), (C, H, W) and ``graph.Field``
+    name = property(lambda self: self.point.name)
+    output_shape = property(lambda self: self.point.output_shape)
+    field = property(lambda self: self.point.field)
 
     @property
     def label(self) -> str:

@@ -1,8 +1,10 @@
 """Turning tensors into pictures people look at.
 
 Display conventions (also in the README): inputs are un-normalised back to pixels; a projection
-is scaled symmetrically around zero, ``0.5 + 0.5 · p / max|p|``, so zero is mid-grey and the sign
-shows as brighter or darker, with all of a projection's channels sharing one scale.
+is scaled symmetrically around zero, ``0.5 + 0.5 · p / s`` clipped to 0..1, so zero is mid-grey
+and the sign shows as brighter or darker, all of a projection's channels sharing one scale ``s``:
+the ``CONTRAST`` quantile of its nonzero ``|p|``, so that a few extreme pixels (the checkerboards
+of strided transposed convs) do not leave the rest grey. Saved arrays keep the raw values.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 PANEL = 192
 BOX_COLOUR = (255, 40, 40)
+CONTRAST = 0.99  # quantile of |p| shown at full brightness (Captum's visualisation clips 2 %)
 
 
 def input_to_image(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> Image.Image:
@@ -24,10 +27,12 @@ def input_to_image(image: torch.Tensor, mean: Sequence[float], std: Sequence[flo
 
 
 def projection_to_image(projection: torch.Tensor) -> Image.Image:
-    """A ``(C, H, W)`` projection as RGB, scaled symmetrically around zero (zero is mid-grey)."""
+    """A ``(C, H, W)`` projection as RGB, scaled symmetrically around zero (zero is mid-grey), ``CONTRAST``."""
     projection = projection.detach().cpu().float()
-    peak = projection.abs().max().clamp_min(1e-12)
-    return _to_rgb(0.5 + 0.5 * projection / peak)
+    magnitudes = projection.abs().flatten()
+    magnitudes = magnitudes[magnitudes > 0]
+    scale = magnitudes.quantile(CONTRAST).item() if len(magnitudes) else 1.0
+    return _to_rgb(0.5 + 0.5 * projection / scale)
 
 
 def _to_rgb(pixels: torch.Tensor) -> Image.Image:

@@ -24,13 +24,14 @@ def write_report(out: str | os.PathLike) -> Path:
     """Rebuild ``out/index.html`` from the ``index.json`` manifests under ``out``; returns its path."""
     out = Path(out)
     manifests = []
-    for index in sorted(out.glob("*/index.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+    for index in out.glob("*/index.json"):
         try:
             data = json.loads(index.read_text())
         except (OSError, ValueError):
             continue  # not ours, or unreadable: the rest of the report still stands
         if isinstance(data, dict) and "kind" in data:
             manifests.append((index.parent.name, data))
+    manifests.sort(key=_order)
     sections = [SECTIONS.get(data["kind"], _figures_section)(folder, data, out) for folder, data in manifests]
     layers = [{"slug": folder, "label": data["label"],
                "channels": [{"channel": c["channel"], "png": f"{folder}/{c['png']}",
@@ -39,9 +40,18 @@ def write_report(out: str | os.PathLike) -> Path:
     nav = " · ".join(f'<a href="#{_attr(folder)}">{_text(_title(folder, data))}</a>' for folder, data in manifests)
     page = TEMPLATE.format(
         nav=nav or "nothing yet: run vizdeconv project, occlude or deconv with this --out",
-        sections="\n".join(sections), data=json.dumps({"layers": layers}).replace("</", "<\\/"),
+        sections="\n".join(sections), data=json.dumps({"layers": layers}).replace("<", "\\u003c"),
         style=STYLE, script=SCRIPT)
     return write_atomic(out / PAGE, lambda file: file.write(page.encode()))
+
+
+def _order(manifest: tuple[str, dict]) -> tuple:
+    """Top-k layers first (numbered ones by number, bottom up), then occlusion, deconv, the rest by folder."""
+    folder, data = manifest
+    kinds = ["project", "occlude", "deconv"]
+    kind = kinds.index(data["kind"]) if data["kind"] in kinds else len(kinds)
+    number = data.get("layer") if data["kind"] == "project" else None
+    return kind, number is None, number or 0, folder
 
 
 def _text(value) -> str:
@@ -80,12 +90,16 @@ def _failed(data: dict, out: Path) -> str:
     return f'<details class="failed"><summary>{len(failed)} failed files</summary><ul>{items}</ul></details>'
 
 
+def _channel_card(folder: str, channel: dict) -> str:
+    """A channel's figure, small, opening its channel view (``#<layer>/<channel>``)."""
+    number = channel["channel"]
+    return (f'<a class="channel" href="#{_attr(folder)}/{number}" title="channel {number}">'
+            f'<img src="{_attr(folder)}/{_attr(channel["png"])}" alt="channel {number}" loading="lazy">'
+            f'<span>ch {number} · max {channel["hits"][0]["value"]:.3g}</span></a>')
+
+
 def _project_section(folder: str, data: dict, out: Path) -> str:
-    cards = "".join(
-        f'<a class="channel" href="#{_attr(folder)}/{c["channel"]}" title="channel {c["channel"]}">'
-        f'<img src="{_attr(folder)}/{_attr(c["png"])}" alt="channel {c["channel"]}" loading="lazy">'
-        f'<span>ch {c["channel"]} · max {c["hits"][0]["value"]:.3g}</span></a>'
-        for c in data["channels"])
+    cards = "".join(_channel_card(folder, channel) for channel in data["channels"])
     sheets = " ".join(f'<a href="{_attr(folder)}/{_attr(name)}">{_text(name)}</a>' for name in data["overview"])
     field = data["receptive_field"]
     return (f'<section id="{_attr(folder)}" data-kind="project"><h2>{_text(data["label"])}</h2>'
@@ -98,8 +112,7 @@ def _project_section(folder: str, data: dict, out: Path) -> str:
 
 def _occlude_section(folder: str, data: dict, out: Path) -> str:
     rows = "".join(
-        f'<tr><td><a href="{_attr(folder)}/{_attr(r["png"])}"><img src="{_attr(folder)}/{_attr(r["png"])}" '
-        f'alt="occlusion of {_attr(r["image"])}" loading="lazy"></a></td><td>{_image_cell(r["image"], out)}</td>'
+        f'<tr><td>{_thumbnail(folder, r["png"], "occlusion of " + r["image"])}</td><td>{_image_cell(r["image"], out)}</td>'
         f'<td>{_text(r["target_name"])}</td><td>{float(r["prob_clean"]):.3f}</td><td>{float(r["prob_min"]):.3f} at '
         f'({r["prob_min_y"]}, {r["prob_min_x"]})</td><td>{_other_class(r)}</td></tr>'
         for r in data["images"])
@@ -115,15 +128,24 @@ def _occlude_section(folder: str, data: dict, out: Path) -> str:
 def _other_class(row: dict) -> str:
     if row["other_class"] == -1:
         return "–"
-    return f'{_text(row["other_name"])} ({float(row["other_fraction"]):.0%})'
+    return f'{_text(row["other_name"])} ({float(row["other_fraction"]):.1%})'
+
+
+def _thumbnail(folder: str, png: str, alt: str) -> str:
+    """A picture of ``folder`` shown small, linking to itself full size."""
+    source = f"{_attr(folder)}/{_attr(png)}"
+    return f'<a href="{source}"><img src="{source}" alt="{_attr(alt)}" loading="lazy"></a>'
+
+
+def _card(folder: str, png: str, alt: str, caption: str) -> str:
+    """A figure's thumbnail over a caption (HTML)."""
+    return f'<figure>{_thumbnail(folder, png, alt)}<figcaption>{caption}</figcaption></figure>'
 
 
 def _deconv_section(folder: str, data: dict, out: Path) -> str:
     cards = "".join(
-        f'<figure><a href="{_attr(folder)}/{_attr(f["png"])}"><img src="{_attr(folder)}/{_attr(f["png"])}" '
-        f'alt="{_attr(f["image"])}" loading="lazy"></a><figcaption>{_image_cell(f["image"], out)}: '
-        f'{_text(f["label"])}, {_text(f["rule"])}; channels {", ".join(str(h["channel"]) for h in f["hits"])}'
-        '</figcaption></figure>'
+        _card(folder, f["png"], f["image"], f'{_image_cell(f["image"], out)}: {_text(f["label"])}, {_text(f["rule"])}; '
+              f'channels {", ".join(str(h["channel"]) for h in f["hits"])}')
         for f in data["figures"])
     return (f'<section id="{_attr(folder)}" data-kind="deconv"><h2>Deconv projections</h2>{_failed(data, out)}'
             f'<div class="figures">{cards}</div></section>')
@@ -131,10 +153,8 @@ def _deconv_section(folder: str, data: dict, out: Path) -> str:
 
 def _figures_section(folder: str, data: dict, out: Path) -> str:
     """Any other kind: its ``figures`` (``png`` and ``caption``) and failed files."""
-    cards = "".join(
-        f'<figure><a href="{_attr(folder)}/{_attr(f["png"])}"><img src="{_attr(folder)}/{_attr(f["png"])}" '
-        f'alt="{_attr(f.get("caption", f["png"]))}" loading="lazy"></a>'
-        f'<figcaption>{_text(f.get("caption", f["png"]))}</figcaption></figure>' for f in data.get("figures", []))
+    cards = "".join(_card(folder, f["png"], f.get("caption", f["png"]), _text(f.get("caption", f["png"])))
+                    for f in data.get("figures", []))
     return (f'<section id="{_attr(folder)}" data-kind="{_attr(data["kind"])}"><h2>{_text(data.get("title", folder))}'
             f'</h2>{_failed(data, out)}<div class="figures">{cards}</div></section>')
 

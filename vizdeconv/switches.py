@@ -7,11 +7,13 @@ forward pass raises; the model itself is never modified.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from vizdeconv.graph import Point
 from vizdeconv.layers import Chain
@@ -36,7 +38,28 @@ class Forward:
     outputs: list[torch.Tensor] = field(default_factory=list)
 
 
-class SwitchRecorder:
+class _Hooks:
+    """Hooks registered on entering ``with`` and all removed on leaving it, also when registering fails."""
+
+    def _register(self) -> Iterator[RemovableHandle]:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._handles: list[RemovableHandle] = []
+        try:
+            self._handles.extend(self._register())
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class SwitchRecorder(_Hooks):
     """Record switches below chain step ``index`` and its output whenever the model runs inside ``with``.
 
     Use ``forward()`` to run just the chain up to the layer, or call the model yourself (the
@@ -49,7 +72,6 @@ class SwitchRecorder:
         self.index = index
         self.switches = switches
         self.recorded = Forward()
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._steps_of: dict[nn.Module, list[int]] = defaultdict(list)
         self._calls: dict[nn.Module, int] = defaultdict(int)
         # Every call up to the layer is counted, so that a module the chain calls more than once
@@ -57,23 +79,10 @@ class SwitchRecorder:
         for step in chain.steps[: index + 1]:
             self._steps_of[step.module].append(step.index)
 
-    def __enter__(self) -> SwitchRecorder:
-        try:
-            self._handles.append(self.chain.steps[0].module.register_forward_pre_hook(self._start))
-            for module in self._steps_of:
-                self._handles.append(module.register_forward_hook(self._record))
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _register(self) -> Iterator[RemovableHandle]:
+        yield self.chain.steps[0].module.register_forward_pre_hook(self._start)
+        for module in self._steps_of:
+            yield module.register_forward_hook(self._record)
 
     def _start(self, module: nn.Module, inputs) -> None:
         if self._calls[module] == 0:
@@ -107,7 +116,7 @@ class _Reached(BaseException):  # not an Exception: a model's own ``except Excep
     """Raised by a hook to end a forward pass once the recorded layer has run."""
 
 
-class PointRecorder:
+class PointRecorder(_Hooks):
     """Record the output of one module call (a graph point) whenever the model runs inside ``with``.
 
     ``run(images)`` runs the model only as far as the point (a hook ends the pass there); call the
@@ -122,22 +131,11 @@ class PointRecorder:
         self.output: torch.Tensor | None = None
         self._calls = 0
         self._stop = False
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> PointRecorder:
+    def _register(self) -> Iterator[RemovableHandle]:
         target = self.module.get_submodule(self.point.module_name)
-        try:
-            self._handles.append(self.module.register_forward_pre_hook(self._start))
-            self._handles.append(target.register_forward_hook(self._record))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        yield self.module.register_forward_pre_hook(self._start)
+        yield target.register_forward_hook(self._record)
 
     def _start(self, module: nn.Module, inputs) -> None:
         self._calls = 0

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vizdeconv.errors import ImageError, VizDeconvError
 from vizdeconv.images import find_images
+from vizdeconv.outputs import output_names
 
 Progress = Callable[[str, int, "int | None"], None]
 """``progress(stage, done, total)``: called as work advances; ``total`` None while unknown."""
@@ -27,6 +28,13 @@ Progress = Callable[[str, int, "int | None"], None]
 
 def no_progress(stage: str, done: int, total: int | None) -> None:
     """The default: report nothing."""
+
+
+def find_outputs(paths: Iterable[str | os.PathLike], folder: Path
+                 ) -> tuple[list[Path], list[ImageError], dict[Path, Path]]:
+    """``find_inputs``, and each image's own output folder under ``folder`` (``outputs.output_names``)."""
+    images, failures = find_inputs(paths)
+    return images, failures, {path: folder / name for path, name in output_names(images).items()}
 
 
 def find_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[ImageError]]:

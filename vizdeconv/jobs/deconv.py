@@ -17,10 +17,10 @@ import numpy as np
 from vizdeconv import figures, report
 from vizdeconv.deconvnet import Deconvnet, ImageProjections
 from vizdeconv.errors import ImageError
-from vizdeconv.jobs import Progress, find_inputs, no_progress
+from vizdeconv.jobs import Progress, find_outputs, no_progress
 from vizdeconv.layers import Hit, Layer, trace_layers
 from vizdeconv.models import LoadedModel
-from vizdeconv.outputs import output_names, save_json, save_npz, save_png
+from vizdeconv.outputs import save_json, save_npz, save_png
 
 FOLDER = "deconv"
 
@@ -67,9 +67,8 @@ class DeconvJob:
         self.rule, self.out, self.batch_size = rule, Path(out), batch_size
 
     def run(self, paths: Iterable[str | os.PathLike], progress: Progress = no_progress) -> DeconvReport:
-        images, failures = find_inputs(paths)
         folder = self.out / FOLDER
-        names = output_names(images)
+        images, failures, folders = find_outputs(paths, folder)
         stage = f"projecting {self.layer.label}"
         results = []
         progress(stage, 0, len(images))
@@ -77,7 +76,7 @@ class DeconvJob:
             forward = self.deconvnet.forward(batch.images.to(self.model.device))
             hits = self.deconvnet.strongest_hits(forward, batch.paths, **self.choice)
             for path, image, projections in zip(batch.paths, batch.images, self.deconvnet.project_hits(forward, hits)):
-                results.append(self._save(ImageProjections(path, image, projections), folder / names[path]))
+                results.append(self._save(ImageProjections(path, image, projections), folders[path]))
             progress(stage, len(results) + len(failures), len(images))
         self._save_index(folder, results, failures)
         report.write_report(self.out)

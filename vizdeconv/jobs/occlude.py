@@ -20,11 +20,11 @@ from vizdeconv import figures, report
 from vizdeconv.deconvnet import Deconvnet, strongest
 from vizdeconv.errors import ImageError
 from vizdeconv.incremental import unsupported
-from vizdeconv.jobs import Progress, find_inputs, no_progress
+from vizdeconv.jobs import Progress, find_outputs, no_progress
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel
 from vizdeconv.occlusion import OcclusionMaps, OcclusionSpec, occlude
-from vizdeconv.outputs import output_names, save_json, save_npz, save_png, write_atomic
+from vizdeconv.outputs import save_json, save_npz, save_png, write_atomic
 
 FOLDER, MAPS, FIGURE = "occlusion", "maps.npz", "occlusion.png"
 SUMMARY_COLUMNS = ["image", "target", "target_name", "prob_clean", "prob_min", "prob_min_y", "prob_min_x",
@@ -76,10 +76,9 @@ class OcclusionJob:
 
     def run(self, paths: Iterable[str | os.PathLike], progress: Progress = no_progress) -> OcclusionReport:
         """Maps for every image not already done for this spec in ``OUT``; then the summary and the report."""
-        images, failures = find_inputs(paths)
         folder = self.out / FOLDER
-        names = output_names(images)
-        results = {path: done for path in images if (done := self._done(path, folder / names[path])) is not None}
+        images, failures, folders = find_outputs(paths, folder)
+        results = {path: done for path in images if (done := self._done(path, folders[path])) is not None}
         todo = [path for path in images if path not in results]
         missing = len(failures)
         progress("images", 0, len(todo))
@@ -88,10 +87,10 @@ class OcclusionJob:
             maps = occlude(self.model, self.layers, batch.images[0], self.spec, batch_size=self.batch_size,
                            brute_force=self.brute_force, progress=lambda done, total: progress("squares", done, total))
             projection = self._strongest_projection(batch.images[0], maps.channel)
-            save_png(folder / names[path] / FIGURE,
+            save_png(folders[path] / FIGURE,
                      figures.occlusion_figure(self.model, batch.images[0], projection, maps, self.spec.rule))
-            save_npz(folder / names[path] / MAPS, **maps.arrays())  # last: a maps.npz present means the image is done
-            results[path] = ImageOcclusion(path, folder / names[path], maps, resumed=False)
+            save_npz(folders[path] / MAPS, **maps.arrays())  # last: a maps.npz present means the image is done
+            results[path] = ImageOcclusion(path, folders[path], maps, resumed=False)
             progress("images", sum(not r.resumed for r in results.values()) + len(failures) - missing, len(todo))
         ordered = [results[path] for path in sorted(results)]
         if ordered:

@@ -26,7 +26,8 @@ from vizdeconv.outputs import save_json, save_png
 from vizdeconv.topk import TopK, hits, parse_channels, project_hits, scan
 
 SHEET = 64  # channel figures per overview sheet
-DISPLAY = ("projections scaled symmetrically around zero, each on its own: 0.5 + 0.5·p/max|p| (zero is mid-grey); "
+DISPLAY = ("projections scaled symmetrically around zero, each on its own: 0.5 + 0.5·p/s clipped, s the 99th percentile "
+           "of its nonzero |p| (zero is mid-grey); "
            "tiles show the unit's receptive field (the whole image along an axis where the field covers it), "
            "grey where the field reaches past the image")
 
@@ -131,7 +132,8 @@ class ProjectJob:
             last = min(start + SHEET, len(channels)) - 1
             title = (f"{self.model.name}, {self.layer.label}, {self.rule} rule: channels {channels[start]['channel']}.."
                      f"{channels[last]['channel']}, top {self.k} over {scanned} images")
-            save_png(folder / name, figures.overview(drawn[start:last + 1], title))
+            labels = [f"channel {c['channel']}: max {c['hits'][0]['value']:.3g}" for c in channels[start:last + 1]]
+            save_png(folder / name, figures.overview(drawn[start:last + 1], labels, title))
             sheets.append(name)
         field = self.layer.field
         save_json(folder / "index.json", {
