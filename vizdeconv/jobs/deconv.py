@@ -102,7 +102,10 @@ class DeconvJob:
         and this run's failed files."""
         index = folder / "index.json"
         figures_now = {r.figure.relative_to(folder).as_posix(): r for r in results}
-        earlier = json.loads(index.read_text())["figures"] if index.exists() else []
+        try:
+            earlier = json.loads(index.read_text())["figures"]
+        except (OSError, ValueError, KeyError, TypeError):
+            earlier = []  # none yet, or not ours: this run's figures start a new list
         kept = [f for f in earlier if f["png"] not in figures_now and (folder / f["png"]).exists()]
         made = [{"png": png, "image": str(r.image), "model": self.model.name, "layer": self.layer.number,
                  "module": self.layer.name, "label": self.layer.label, "rule": self.rule,

@@ -1,0 +1,105 @@
+"""The library jobs directly: typed reports, what they write, resuming by spec, files that fail midway."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vizdeconv.errors import VizDeconvError
+from vizdeconv.jobs.deconv import DeconvJob
+from vizdeconv.jobs.occlude import OcclusionJob
+from vizdeconv.jobs.predict import PredictJob
+from vizdeconv.jobs.project import ProjectJob
+from vizdeconv.occlusion import OcclusionMaps
+
+FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
+FEW = ["test00000_ankle-boot.png", "test00001_pullover.png", "test00008_sandal.png", "test00023_ankle-boot.png"]
+
+
+@pytest.fixture()
+def images(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in FEW:
+        shutil.copy(FASHION / name, folder / name)
+    return folder
+
+
+def test_project_job_reports_what_it_wrote(embedded, images, tmp_path):
+    done = ProjectJob(embedded, 2, k=3, channels="0-5", out=tmp_path / "out").run([images])
+    assert done.folder == tmp_path / "out" / "layer2" and done.scanned == 4 and not done.failures
+    assert sorted(done.hits) == list(range(6))
+    index = json.loads((done.folder / "index.json").read_text())
+    written = {c["channel"]: c["hits"] for c in index["channels"]}
+    for channel, hits in done.hits.items():
+        assert [hit.value for hit in hits] == sorted((hit.value for hit in hits), reverse=True)
+        assert len({hit.image for hit in hits}) == len(hits) <= 3 and all(hit.channel == channel for hit in hits)
+        if hits:
+            assert done.figure(channel).is_file() and written[channel] == [hit.to_json() for hit in hits]
+        else:
+            assert not done.figure(channel).exists() and channel not in written
+
+
+def test_a_file_that_breaks_between_scan_and_projection_is_a_failure_not_a_crash(embedded, images, tmp_path):
+    job = ProjectJob(embedded, 5, k=4, channels="0-9", out=tmp_path / "out")
+    victim = images / FEW[0]
+
+    def progress(stage, done, total):
+        if stage.startswith("projecting") and done == 0:
+            victim.write_bytes(b"no longer a png")
+
+    done = job.run([images], progress=progress)
+    assert [failure.path for failure in done.failures] == [victim] and done.scanned == 4
+    assert all(hit.image != victim for hits in done.hits.values() for hit in hits)
+    assert any(done.hits.values())
+    assert json.loads((done.folder / "index.json").read_text())["failed"][0]["image"] == str(victim)
+
+
+def test_occlusion_job_resumes_only_an_equal_spec(embedded, images, tmp_path):
+    out = tmp_path / "out"
+    first = OcclusionJob(embedded, stride=4, out=out).run([images])
+    assert [r.image.name for r in first.results] == sorted(FEW) and not any(r.resumed for r in first.results)
+    for result in first.results:
+        with np.load(result.folder / "maps.npz") as arrays:
+            assert OcclusionMaps.from_arrays(arrays).spec == first.spec
+    again = OcclusionJob(embedded, stride=4, out=out).run([images])
+    assert all(r.resumed for r in again.results)
+    for before, after in zip(first.results, again.results):
+        np.testing.assert_array_equal(before.maps.prob_true, after.maps.prob_true)
+    for change in ({"fill": 0.5}, {"target": "Sandal"}, {"rule": "guided"}, {"approximate": True}, {"layer": 3},
+                   {"size": 5}):
+        other = OcclusionJob(embedded, stride=4, out=tmp_path / "other", **change)
+        shutil.copytree(out, tmp_path / "other", dirs_exist_ok=True)  # the first run's maps, under another spec
+        (result,) = other.run([images / FEW[0]]).results
+        assert not result.resumed, change
+    asked = OcclusionJob(embedded, stride=4, target="ankle boot", out=out).run([images])
+    assert asked.spec.target == "9" and not any(r.resumed for r in asked.results)
+    assert all(r.maps.target == 9 for r in asked.results)
+
+
+def test_a_square_larger_than_the_input_is_refused_before_any_image(embedded):
+    with pytest.raises(VizDeconvError, match=r"square \(29 px\) is larger than the model's input \(28 px\)"):
+        OcclusionJob(embedded, size=29)
+
+
+def test_deconv_job_index_keeps_earlier_layers(embedded, images, tmp_path):
+    out = tmp_path / "out"
+    fifth = DeconvJob(embedded, 5, top=2, out=out).run([images / FEW[0]])
+    second = DeconvJob(embedded, 2, rule="guided", out=out).run([images / FEW[0]])
+    assert [len(r.hits) for r in fifth.results] == [2] and [len(r.hits) for r in second.results] == [1]
+    index = json.loads((out / "deconv" / "index.json").read_text())
+    assert [(f["png"], f["rule"]) for f in index["figures"]] == [("test00000_ankle-boot/layer2.png", "guided"),
+                                                                ("test00000_ankle-boot/layer5.png", "deconvnet")]
+    assert all((out / "deconv" / f["png"]).is_file() for f in index["figures"])
+
+
+def test_predict_job_keeps_input_order_and_lists_failures(embedded, images):
+    (images / "broken.png").write_bytes(b"nope")
+    done = PredictJob(embedded, top=2).run([images])
+    assert [p.image.name for p in done.predictions] == sorted(FEW)
+    assert [f.path.name for f in done.failures] == ["broken.png"]
+    assert all(p.classes[0][2] >= p.classes[1][2] for p in done.predictions)
