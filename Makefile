@@ -32,9 +32,10 @@ bench: $(READY)
 	$(BIN)/python benchmarks/bench_occlusion.py
 	$(BIN)/python benchmarks/bench_graph.py
 
-# the demo's report in headless Chromium (Debian's chromium package): broken images, links, console errors
+# the demo's report, with a second layer to step to, in headless Chromium (Debian's chromium package):
+# broken images, links, console errors, the channel view and its keys
 check-report: demo
-	$(BIN)/pip install --quiet playwright
+	$(BIN)/vizdeconv project --layer 2 --channels 0-15
 	$(BIN)/python scripts/check_report.py vizdeconv-out --screenshots check-report
 
 clean:

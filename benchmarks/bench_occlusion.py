@@ -32,7 +32,7 @@ import torch
 import torchvision
 from captum.attr import Occlusion
 
-from vizdeconv.images import find_images, load_image
+from vizdeconv.images import find_images
 from vizdeconv.incremental import multiply_adds
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel, load_model
@@ -124,9 +124,9 @@ def approximate_error() -> None:
     layer = layers.layer(5)
     size, stride = default_geometry(model.input_size)
     worst, mean, agree, exact_time, rough_time = 0.0, [], [], 0.0, 0.0
-    for path in find_images([FASHION])[0]:
-        image = model.preprocess(load_image(path, channels=1, background=model.mean))
-        spec = OcclusionSpec.create(model, layer, size=size, stride=stride)
+    spec = OcclusionSpec.create(model, layer, size=size, stride=stride)
+    for batch in model.read(find_images([FASHION])[0], [], batch_size=1):
+        image = batch.images[0]
         start = time.perf_counter()
         exact = occlude(model, layers, image, spec, batch_size=BATCH)
         exact_time += time.perf_counter() - start

@@ -103,3 +103,41 @@ def test_predict_job_keeps_input_order_and_lists_failures(embedded, images):
     assert [p.image.name for p in done.predictions] == sorted(FEW)
     assert [f.path.name for f in done.failures] == ["broken.png"]
     assert all(p.classes[0][2] >= p.classes[1][2] for p in done.predictions)
+
+
+def test_maps_from_before_the_spec_keys_are_redone_not_fatal(embedded, images, tmp_path):
+    out = tmp_path / "out"
+    (first,) = OcclusionJob(embedded, stride=4, out=out).run([images / FEW[0]]).results
+    with np.load(first.folder / "maps.npz") as arrays:
+        older = {name: arrays[name] for name in arrays.files if name not in ("target_asked", "rule")}
+    np.savez(first.folder / "maps.npz", **older)
+    (again,) = OcclusionJob(embedded, stride=4, out=out).run([images / FEW[0]]).results
+    assert not again.resumed
+    with np.load(again.folder / "maps.npz") as arrays:
+        assert str(arrays["target_asked"]) == "auto" and str(arrays["rule"]) == "deconvnet"
+
+
+def test_a_run_where_every_file_fails_still_writes_an_empty_summary(embedded, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"nope")
+    done = OcclusionJob(embedded, stride=4, out=tmp_path / "out").run([broken])
+    assert not done.results and [f.path for f in done.failures] == [broken]
+    assert (done.folder / "summary.csv").read_text().splitlines() == [
+        "image,target,target_name,prob_clean,prob_min,prob_min_y,prob_min_x,other_class,other_name,other_fraction"]
+
+
+def test_a_rerun_leaves_no_figures_of_the_channels_it_no_longer_covers(embedded, images, tmp_path):
+    out = tmp_path / "out"
+    wide = ProjectJob(embedded, 2, k=2, channels="0-5", out=out).run([images])
+    assert len(list(wide.folder.glob("ch*.png"))) > 2
+    narrow = ProjectJob(embedded, 2, k=2, channels="4-5", out=out).run([images])
+    assert sorted(p.name for p in narrow.folder.glob("ch*.png")) == [
+        f"ch{c:03d}.png" for c, hits in sorted(narrow.hits.items()) if hits]
+    DeconvJob(embedded, 5, top=3, out=out).run([images / FEW[0]])
+    (one,) = DeconvJob(embedded, 5, top=1, out=out).run([images / FEW[0]]).results
+    assert sorted(one.figure.parent.glob("layer5_ch*.npz")) == one.arrays
+
+
+def test_deconv_job_refuses_a_top_that_would_do_nothing(embedded):
+    with pytest.raises(VizDeconvError, match="with a channel given there is only that one"):
+        DeconvJob(embedded, 5, top=3, channel=2)

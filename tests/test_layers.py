@@ -166,3 +166,11 @@ def test_chain_stops_at_a_functional_op():
     chain = trace_chain(wrap(Doubling(), (1, 9, 9)))
     assert [s.name for s in chain.steps] == ["conv1"]
     assert chain.end.startswith("'conv2'")
+
+
+def test_slugs_never_collide_with_numbered_layers_or_job_folders():
+    model = LoadedModel.from_module(torchvision.models.resnet18(), 64, name="resnet18", device="cpu")
+    layers = trace_layers(model)
+    assert layers.layer(1).slug == "layer1"  # the stem's ReLU, numbered
+    assert layers.layer("layer1").slug == "module-layer1" and layers.layer("layer1.0").slug == "layer1_0"
+    assert layers.layer("layer1.0.relu@2").slug == "layer1_0_relu_call2"

@@ -15,8 +15,8 @@ from torch import nn
 
 from PIL import Image
 
-from vizdeconv.errors import ModelError, UnsafeCheckpointError
-from vizdeconv.models import load_model, read_state_dict, resolve_device
+from vizdeconv.errors import ImageError, ModelError, UnsafeCheckpointError
+from vizdeconv.models import LoadedModel, load_model, read_state_dict, resolve_device
 
 
 def test_torchvision_default_weights_come_from_the_cache(tmp_path, monkeypatch):
@@ -215,3 +215,26 @@ def test_timm_names_and_a_missing_timm(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(ModelError, match=r"pip install vizdeconv\[timm\]"):
         load_model("timm:resnet18")
+
+
+def test_options_for_factories_only_are_refused_elsewhere():
+    with pytest.raises(ModelError, match="--input-size, --mean and --std are for factory models"):
+        load_model("embedded", mean=[0.5], device="cpu")
+
+
+def test_a_module_as_a_model(tmp_path):
+    module = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 4)).train()
+    model = LoadedModel.from_module(module, (20, 30), mean=(0.5,), std=(0.25,), device="cpu")
+    assert not module.training and model.input_size == (1, 20, 30) and model.categories == ("0", "1", "2", "3")
+    picture = tmp_path / "wide.png"
+    Image.new("RGB", (90, 40), (255, 255, 255)).save(picture)
+    (batch,) = model.read([picture], [])
+    # white, grey-converted, resized on the short side and centre-cropped, then (1 - 0.5) / 0.25
+    torch.testing.assert_close(batch.images, torch.full((1, 1, 20, 30), 2.0))
+    with pytest.raises(ModelError, match="give both mean and std"):
+        LoadedModel.from_module(module, 20, mean=(0.5,))
+    two = LoadedModel.from_module(nn.Conv2d(2, 2, 1), (2, 8, 8), device="cpu")
+    assert (two.mean, two.std) == ((0.0, 0.0), (1.0, 1.0))
+    failures: list[ImageError] = []
+    with pytest.raises(ModelError, match="takes 2 input channels; image files are read as grey"):
+        list(two.read([picture], failures))

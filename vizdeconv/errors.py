@@ -1,5 +1,7 @@
 """The exceptions vizdeconv raises for problems a user can fix; the CLI prints them on one line."""
 
+import os
+
 
 class VizDeconvError(Exception):
     """Base class: a wrong model, layer, option or checkpoint (CLI exit code 2)."""
@@ -29,4 +31,4 @@ class ImageError(VizDeconvError):
         return type(self), (self.path, self.reason)
 
     def to_json(self) -> dict:
-        return {"image": str(self.path), "reason": self.reason}
+        return {"image": os.path.abspath(self.path), "reason": self.reason}

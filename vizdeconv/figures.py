@@ -7,6 +7,7 @@ captioned; occlusion figures follow Fig. 7; deconv figures show each projection 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,7 +56,8 @@ def channel_figure(title: str, projections: Sequence[Image.Image], patches: Sequ
     left = _tile_block(projections, [f"#{i + 1}  {v:.3g}" for i, v in enumerate(values)], columns)
     right = _tile_block(patches, names, columns)
     top = MARGIN + 22 + 18
-    figure = Image.new("RGB", (2 * MARGIN + left.width + BLOCK_GAP + right.width, top + left.height + MARGIN), "white")
+    width = max(left.width + BLOCK_GAP + right.width, math.ceil(render.font(15).getlength(title)))
+    figure = Image.new("RGB", (2 * MARGIN + width, top + left.height + MARGIN), "white")
     draw = ImageDraw.Draw(figure)
     draw.text((MARGIN, MARGIN), title, fill="black", font=render.font(15))
     draw.text((MARGIN, MARGIN + 22), "projections", fill=(80, 80, 80), font=render.font(12))
@@ -73,7 +75,8 @@ def overview(figures: Sequence[Image.Image], labels: Sequence[str], title: str) 
     cell_w, cell_h = THUMB_WIDTH + GAP * 2, max(t.height for t in thumbs) + label_height + GAP * 2
     columns = min(SHEET_COLUMNS, len(thumbs))
     rows = -(-len(thumbs) // columns)
-    page = Image.new("RGB", (columns * cell_w + 2 * MARGIN, rows * cell_h + 40), "white")
+    width = max(columns * cell_w, math.ceil(render.font(16).getlength(title)))
+    page = Image.new("RGB", (width + 2 * MARGIN, rows * cell_h + 40), "white")
     draw = ImageDraw.Draw(page)
     draw.text((MARGIN, 10), title, fill="black", font=render.font(16))
     for i, (thumb, label) in enumerate(zip(thumbs, labels)):

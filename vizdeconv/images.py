@@ -92,10 +92,12 @@ def _to_8bit(image: Image.Image, *, channels: int, background: Sequence[float]) 
 
 @dataclass
 class Batch:
-    """Preprocessed images that loaded, with their paths, in input order."""
+    """Preprocessed images that loaded, with their paths, in input order; ``done`` counts the files
+    of the whole read consumed so far, those that failed included (for progress)."""
 
     paths: list[Path]
     images: torch.Tensor
+    done: int = 0
 
 
 class _Files(torch.utils.data.Dataset):

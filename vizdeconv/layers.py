@@ -10,6 +10,8 @@ something else (a residual sum, a functional op).
 
 from __future__ import annotations
 
+import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from vizdeconv.errors import LayerError
 from vizdeconv.graph import Graph, Point, trace
 from vizdeconv.models import LoadedModel
 
+RESERVED_SLUGS = re.compile(r"layer\d+|occlusion|deconv")  # numbered layers' slugs and the jobs' own folders
 # Ops the chain walk (deconvnet.walk) inverts on windows; anything else goes through autograd with rules.
 WALKED = frozenset({"relu", "relu6", "conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "batch_norm",
                     "local_response_norm", "dropout"})
@@ -153,8 +156,12 @@ class Layer:
 
     @property
     def slug(self) -> str:
-        """File-name stem: ``layer5``, or the module name for an unnumbered layer (``layer3_1``, ``relu_call2``)."""
-        return f"layer{self.number}" if self.number else self.name.replace(".", "_").replace("@", "_call")
+        """File-name stem: ``layer5``, or the module name for an unnumbered layer (``layer3_1``, ``relu_call2``);
+        ``module-`` before a name that would pass for a numbered layer or a job's folder (ResNet's ``layer1``)."""
+        if self.number:
+            return f"layer{self.number}"
+        name = self.name.replace(".", "_").replace("@", "_call")
+        return f"module-{name}" if RESERVED_SLUGS.fullmatch(name) else name
 
     def hit(self, image: Path, channel: int, position: tuple[int, int], value: float,
             input_size: Sequence[int]) -> Hit:
@@ -184,7 +191,7 @@ class Hit:
     clipped: bool
 
     def to_json(self) -> dict:
-        return {"image": str(self.image), "channel": self.channel, "value": self.value,
+        return {"image": os.path.abspath(self.image), "channel": self.channel, "value": self.value,
                 "position": list(self.position), "box": list(self.box), "clipped": self.clipped}
 
 

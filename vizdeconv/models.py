@@ -19,7 +19,7 @@ import pickle
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -83,10 +83,14 @@ class LoadedModel:
             mean, std: per-channel normalisation; their length sets the channels. Default: ImageNet's
                 for 3 channels, none (0 and 1) for other channel counts given in ``input_size``.
             categories: class names; default the output numbers of the last ``nn.Linear``.
+
+        The module is put in eval mode on ``device``, as ``load_model`` does.
         """
+        if (mean is None) != (std is None):
+            raise ModelError("give both mean and std, or neither")
         size = [input_size] if isinstance(input_size, int) else list(input_size)
         channels = size.pop(0) if len(size) == 3 else len(mean) if mean else 3
-        if mean is None or std is None:
+        if mean is None:
             mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.0,) * channels, (1.0,) * channels)
         if len(mean) != len(std) or len(mean) != channels:
             raise ModelError(f"mean and std need one value per input channel; got {len(mean)} and {len(std)} for "
@@ -107,13 +111,23 @@ class LoadedModel:
 
     def read(self, paths: Sequence[Path], failures: list[ImageError], *, batch_size: int = 32,
              workers: int = 0) -> Iterator[Batch]:
-        """Preprocessed batches of the files that load, in order; each file that fails goes to ``failures``."""
+        """Preprocessed batches of the files that load, in order; each file that fails goes to ``failures``.
+
+        Raises:
+            ModelError: the model takes other than 1 (grey) or 3 (RGB) input channels.
+        """
+        if self.input_size[0] not in (1, 3):
+            raise ModelError(f"{self.name} takes {self.input_size[0]} input channels; image files are read as grey "
+                             "(1) or RGB (3)")
+        done = 0
         for batch in read_batches(paths, preprocess=self.preprocess, channels=self.input_size[0],
                                   background=self.mean, batch_size=batch_size, workers=workers):
             if isinstance(batch, ImageError):
                 failures.append(batch)
+                done += 1
             else:
-                yield batch
+                done += len(batch.paths)
+                yield replace(batch, done=done)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -158,13 +172,17 @@ def load_model(
     Raises:
         ModelError: unknown name, weights that are missing, unsafe or do not fit.
     """
+    factory = ":" in name and not name.startswith(TIMM_PREFIX)
+    if not factory and (input_size, mean, std) != (None, None, None):
+        raise ModelError(f"--input-size, --mean and --std are for factory models (package.module:factory); {name} "
+                         "brings its own preprocessing")
     if name == EMBEDDED:
         loaded = _embedded(weights)
     elif name == LITE0:
         loaded = _lite0(weights)
     elif name.startswith(TIMM_PREFIX):  # before factories: "timm:NAME" has their colon too
         loaded = _timm(name, weights)
-    elif ":" in name:
+    elif factory:
         loaded = _factory(name, weights, input_size, mean, std)
     elif name in torchvision_names():
         loaded = _torchvision(name, weights)

@@ -14,7 +14,9 @@ import html
 import json
 import os
 from pathlib import Path
+from urllib.parse import quote
 
+from vizdeconv import render
 from vizdeconv.outputs import write_atomic
 
 PAGE = "index.html"
@@ -32,16 +34,21 @@ def write_report(out: str | os.PathLike) -> Path:
         if isinstance(data, dict) and "kind" in data:
             manifests.append((index.parent.name, data))
     manifests.sort(key=_order)
-    sections = [SECTIONS.get(data["kind"], _figures_section)(folder, data, out) for folder, data in manifests]
-    layers = [{"slug": folder, "label": data["label"],
-               "channels": [{"channel": c["channel"], "png": f"{folder}/{c['png']}",
-                             "hits": [_hit_row(hit, out) for hit in c["hits"]]} for c in data["channels"]]}
-              for folder, data in manifests if data["kind"] == "project"]
-    nav = " · ".join(f'<a href="#{_attr(folder)}">{_text(_title(folder, data))}</a>' for folder, data in manifests)
+    sections, layers = [], []
+    for folder, data in manifests:
+        try:
+            sections.append(SECTIONS.get(data["kind"], _figures_section)(folder, data, out))
+            if data["kind"] == "project" and data["channels"]:  # a layer where no channel fired has no view
+                layers.append(_layer_data(folder, data, out))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+            sections.append(f'<section id="{_attr(folder)}" data-kind="unreadable"><h2>{_text(folder)}</h2>'
+                            f'<p class="failed">{_text(folder)}/index.json cannot be shown ({_text(repr(error))}); '
+                            'rerun the command that wrote it.</p></section>')
+    nav = " · ".join(f'<a href="#{_url(folder)}">{_text(_title(folder, data))}</a>' for folder, data in manifests)
     page = TEMPLATE.format(
         nav=nav or "nothing yet: run vizdeconv project, occlude or deconv with this --out",
         sections="\n".join(sections), data=json.dumps({"layers": layers}).replace("<", "\\u003c"),
-        style=STYLE, script=SCRIPT)
+        style=STYLE, script=SCRIPT, display=_text(render.DISPLAY.capitalize()))
     return write_atomic(out / PAGE, lambda file: file.write(page.encode()))
 
 
@@ -50,7 +57,7 @@ def _order(manifest: tuple[str, dict]) -> tuple:
     folder, data = manifest
     kinds = ["project", "occlude", "deconv"]
     kind = kinds.index(data["kind"]) if data["kind"] in kinds else len(kinds)
-    number = data.get("layer") if data["kind"] == "project" else None
+    number = data.get("layer") if data["kind"] == "project" and isinstance(data.get("layer"), int) else None
     return kind, number is None, number or 0, folder
 
 
@@ -62,19 +69,29 @@ def _attr(value) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _url(path: str) -> str:
+    """A relative path as it goes into ``src``/``href``: percent-encoded (a ``#`` or ``%`` in a file
+    name stays part of it), then escaped for the attribute."""
+    return _attr(quote(path))
+
+
 def _title(folder: str, data: dict) -> str:
     return {"project": data.get("label", folder), "occlude": "occlusion", "deconv": "deconv"}.get(data["kind"], folder)
 
 
 def _link(path: str, out: Path) -> str | None:
-    """A relative link from the report to an input file, or None when it is not where the run left it."""
+    """A percent-encoded relative link from the report to an input file, or None when it is not there."""
     target = Path(path).resolve()
-    return Path(os.path.relpath(target, out.resolve())).as_posix() if target.is_file() else None
+    return quote(Path(os.path.relpath(target, out.resolve())).as_posix()) if target.is_file() else None
 
 
-def _hit_row(hit: dict, out: Path) -> dict:
-    return {"value": hit["value"], "image": hit["image"], "link": _link(hit["image"], out),
-            "position": hit["position"], "box": hit["box"], "clipped": hit["clipped"]}
+def _layer_data(folder: str, data: dict, out: Path) -> dict:
+    """What the channel view shows of a top-k layer (the page's JSON)."""
+    return {"slug": folder, "label": data["label"], "channels": [
+        {"channel": c["channel"], "png": quote(f"{folder}/{c['png']}"), "hits": [
+            {"value": hit["value"], "image": hit["image"], "link": _link(hit["image"], out),
+             "position": hit["position"], "box": hit["box"], "clipped": hit["clipped"]} for hit in c["hits"]]}
+        for c in data["channels"]]}
 
 
 def _image_cell(path: str, out: Path) -> str:
@@ -93,20 +110,20 @@ def _failed(data: dict, out: Path) -> str:
 def _channel_card(folder: str, channel: dict) -> str:
     """A channel's figure, small, opening its channel view (``#<layer>/<channel>``)."""
     number = channel["channel"]
-    return (f'<a class="channel" href="#{_attr(folder)}/{number}" title="channel {number}">'
-            f'<img src="{_attr(folder)}/{_attr(channel["png"])}" alt="channel {number}" loading="lazy">'
+    return (f'<a class="channel" href="#{_url(folder)}/{number}" title="channel {number}">'
+            f'<img src="{_url(folder + "/" + channel["png"])}" alt="channel {number}" loading="lazy">'
             f'<span>ch {number} · max {channel["hits"][0]["value"]:.3g}</span></a>')
 
 
 def _project_section(folder: str, data: dict, out: Path) -> str:
     cards = "".join(_channel_card(folder, channel) for channel in data["channels"])
-    sheets = " ".join(f'<a href="{_attr(folder)}/{_attr(name)}">{_text(name)}</a>' for name in data["overview"])
+    sheets = " ".join(f'<a href="{_url(folder + "/" + name)}">{_text(name)}</a>' for name in data["overview"])
     field = data["receptive_field"]
     return (f'<section id="{_attr(folder)}" data-kind="project"><h2>{_text(data["label"])}</h2>'
             f'<p>{_text(data["model"])} ({_text(data["weights"])}), {_text(data["rule"])} rule; top {data["k"]} '
             f'over {data["images_scanned"]} images; receptive field {field["size"][0]}×{field["size"][1]} px, '
             f'stride {field["stride"][0]}. Overview: {sheets or "none (no channel fired)"}; '
-            f'<a href="{_attr(folder)}/index.json">index.json</a>. Click a channel for its view.</p>'
+            f'<a href="{_url(folder)}/index.json">index.json</a>. Click a channel for its view.</p>'
             f'{_failed(data, out)}<div class="channels">{cards}</div></section>')
 
 
@@ -120,7 +137,7 @@ def _occlude_section(folder: str, data: dict, out: Path) -> str:
             f'<p>{_text(data["model"])}, {_text(data["label"])}: square {data["size"]} px, stride {data["stride"]}, '
             f'target {_text(data["target"])}, {_text(data["rule"])} rule for panel (c)'
             f'{", APPROXIMATE maps" if data["approximate"] else ""}. '
-            f'<a href="{_attr(folder)}/summary.csv">summary.csv</a></p>{_failed(data, out)}'
+            f'<a href="{_url(folder)}/summary.csv">summary.csv</a></p>{_failed(data, out)}'
             '<table class="occlusion"><tr><th>figure</th><th>image</th><th>target</th><th>p unoccluded</th>'
             f'<th>lowest p</th><th>most frequent other class</th></tr>{rows}</table></section>')
 
@@ -133,7 +150,7 @@ def _other_class(row: dict) -> str:
 
 def _thumbnail(folder: str, png: str, alt: str) -> str:
     """A picture of ``folder`` shown small, linking to itself full size."""
-    source = f"{_attr(folder)}/{_attr(png)}"
+    source = _url(f"{folder}/{png}")
     return f'<a href="{source}"><img src="{source}" alt="{_attr(alt)}" loading="lazy"></a>'
 
 
@@ -187,7 +204,9 @@ SCRIPT = """
 const data = JSON.parse(document.getElementById('data').textContent);
 const view = document.getElementById('view');
 function route() {
-  const match = /^#(.+)\\/(\\d+)$/.exec(decodeURIComponent(location.hash));
+  let hash;
+  try { hash = decodeURIComponent(location.hash); } catch (error) { return null; }  // a malformed hash
+  const match = /^#(.+)\\/(\\d+)$/.exec(hash);
   if (!match) return null;
   const layer = data.layers.findIndex(l => l.slug === match[1]);
   const channel = layer < 0 ? -1 : data.layers[layer].channels.findIndex(c => c.channel === Number(match[2]));
@@ -195,7 +214,7 @@ function route() {
 }
 function go(layer, channel) {
   const l = data.layers[layer];
-  location.hash = '#' + l.slug + '/' + l.channels[channel].channel;
+  location.hash = '#' + encodeURIComponent(l.slug) + '/' + l.channels[channel].channel;
 }
 function cell(text, link) {
   const td = document.createElement('td');
@@ -213,8 +232,8 @@ function show() {
   const figure = document.getElementById('view-figure');
   figure.onload = () => { figure.style.width = Math.min(figure.naturalWidth * 1.6, view.clientWidth - 64) + 'px'; };
   figure.src = channel.png;
-  const count = layer.channels.length, link = c => '#' + layer.slug + '/' + layer.channels[(c + count) % count].channel;
-  document.getElementById('view-close').href = '#' + layer.slug;
+  const count = layer.channels.length, link = c => '#' + encodeURIComponent(layer.slug) + '/' + layer.channels[(c + count) % count].channel;
+  document.getElementById('view-close').href = '#' + encodeURIComponent(layer.slug);
   document.getElementById('view-previous').href = link(at.channel - 1);
   document.getElementById('view-next').href = link(at.channel + 1);
   const rows = document.getElementById('view-hits');
@@ -235,7 +254,7 @@ document.addEventListener('keydown', event => {
     ArrowLeft: () => go(at.layer, (at.channel + count - 1) % count),
     ArrowDown: () => go((at.layer + 1) % layers, 0),
     ArrowUp: () => go((at.layer + layers - 1) % layers, 0),
-    Escape: () => { location.hash = '#' + data.layers[at.layer].slug; },
+    Escape: () => { location.hash = '#' + encodeURIComponent(data.layers[at.layer].slug); },
   };
   if (moves[event.key]) { event.preventDefault(); moves[event.key](); }
 });
@@ -248,9 +267,8 @@ TEMPLATE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>{style}</style></head><body>
 <header><h1>vizdeconv: what the network has learned</h1><nav>{nav}</nav></header>
-<p>Projections are scaled symmetrically around zero (zero is mid-grey); top-k tiles show each unit's receptive field,
-grey where it reaches past the image. In a channel view: <kbd>←</kbd> <kbd>→</kbd> channels, <kbd>↑</kbd>
-<kbd>↓</kbd> layers, <kbd>Esc</kbd> back.</p>
+<p>{display}. In a channel view: <kbd>←</kbd> <kbd>→</kbd> channels, <kbd>↑</kbd> <kbd>↓</kbd> layers,
+<kbd>Esc</kbd> back.</p>
 {sections}
 <div id="view" hidden><nav><a id="view-close" href="#view">× close (Esc)</a>
 <a id="view-previous" href="#view">← previous</a><a id="view-next" href="#view">next →</a></nav><h2 id="view-title"></h2><img id="view-figure" alt="channel figure">

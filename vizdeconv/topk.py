@@ -68,19 +68,17 @@ def scan(deconvnet: Deconvnet, paths: Sequence[Path], top: TopK, failures: list[
     """Run the images through the model up to the deconvnet's layer, folding each batch into ``top``.
 
     ``paths`` must be in the order that breaks ties (``find_images`` sorts them). Files that fail
-    go to ``failures``. Yields how many images are done (read or failed) after each batch.
+    go to ``failures``. Yields how many files are done (read or failed) after each batch.
     """
     model = deconvnet.model
     rank = {path: i for i, path in enumerate(paths)}
-    scanned = 0
     for batch in model.read(paths, failures, batch_size=batch_size, workers=workers):
         ranks = torch.tensor([rank[p] for p in batch.paths])
         for images, chunk_ranks in zip(batch.images.split(SCAN_CHUNK), ranks.split(SCAN_CHUNK)):
             padded = torch.cat([images, images.new_zeros(SCAN_CHUNK - len(images), *images.shape[1:])])
             activations = deconvnet.activations(padded.to(model.device, non_blocking=True))
             top.update(activations[: len(images)], chunk_ranks)
-        scanned += len(batch.paths)
-        yield scanned + len(failures)
+        yield batch.done
 
 
 def hits(top: TopK, layer: Layer, paths: Sequence[Path], input_size: tuple[int, int, int]) -> dict[int, list[Hit]]:

@@ -15,11 +15,12 @@ benchmarks use the same jobs::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from vizdeconv.errors import ImageError, VizDeconvError
-from vizdeconv.images import find_images
+from vizdeconv.images import Batch, find_images
+from vizdeconv.models import LoadedModel
 from vizdeconv.outputs import output_names
 
 Progress = Callable[[str, int, "int | None"], None]
@@ -28,6 +29,17 @@ Progress = Callable[[str, int, "int | None"], None]
 
 def no_progress(stage: str, done: int, total: int | None) -> None:
     """The default: report nothing."""
+
+
+def reading(model: LoadedModel, paths: Sequence[Path], failures: list[ImageError], progress: Progress, stage: str,
+            **options) -> Iterator[Batch]:
+    """``model.read(paths, failures, **options)``, calling ``progress(stage, files done, len(paths))`` as
+    each batch is done and at the end."""
+    progress(stage, 0, len(paths))
+    for batch in model.read(paths, failures, **options):
+        yield batch
+        progress(stage, batch.done, len(paths))
+    progress(stage, len(paths), len(paths))
 
 
 def find_outputs(paths: Iterable[str | os.PathLike], folder: Path

@@ -16,8 +16,8 @@ import numpy as np
 
 from vizdeconv import figures, report
 from vizdeconv.deconvnet import Deconvnet, ImageProjections
-from vizdeconv.errors import ImageError
-from vizdeconv.jobs import Progress, find_outputs, no_progress
+from vizdeconv.errors import ImageError, VizDeconvError
+from vizdeconv.jobs import Progress, find_outputs, no_progress, reading
 from vizdeconv.layers import Hit, Layer, trace_layers
 from vizdeconv.models import LoadedModel
 from vizdeconv.outputs import save_json, save_npz, save_png
@@ -60,6 +60,8 @@ class DeconvJob:
     def __init__(self, model: LoadedModel, layer: int | str, *, rule: str = "deconvnet", top: int = 1,
                  channel: int | None = None, position: tuple[int, int] | None = None,
                  out: str | os.PathLike = "vizdeconv-out", batch_size: int = 16) -> None:
+        if channel is not None and top != 1:
+            raise VizDeconvError("top ranks the channels; with a channel given there is only that one")
         layers = trace_layers(model)
         self.model, self.layer = model, layers.layer(layer)
         self.deconvnet = Deconvnet(model, layers, self.layer, rule=rule)
@@ -69,15 +71,13 @@ class DeconvJob:
     def run(self, paths: Iterable[str | os.PathLike], progress: Progress = no_progress) -> DeconvReport:
         folder = self.out / FOLDER
         images, failures, folders = find_outputs(paths, folder)
-        stage = f"projecting {self.layer.label}"
         results = []
-        progress(stage, 0, len(images))
-        for batch in self.model.read(images, failures, batch_size=self.batch_size):
+        for batch in reading(self.model, images, failures, progress, f"projecting {self.layer.label}",
+                             batch_size=self.batch_size):
             forward = self.deconvnet.forward(batch.images.to(self.model.device))
             hits = self.deconvnet.strongest_hits(forward, batch.paths, **self.choice)
             for path, image, projections in zip(batch.paths, batch.images, self.deconvnet.project_hits(forward, hits)):
                 results.append(self._save(ImageProjections(path, image, projections), folders[path]))
-            progress(stage, len(results) + len(failures), len(images))
         self._save_index(folder, results, failures)
         report.write_report(self.out)
         return DeconvReport(folder, self.layer, self.rule, results, failures)
@@ -95,6 +95,9 @@ class DeconvJob:
             module=np.str_(layer.name), rule=np.str_(self.rule), channel=np.int64(p.hit.channel),
             position=np.array(p.hit.position, dtype=np.int64), value=np.float32(p.hit.value),
             box=np.array(p.hit.box, dtype=np.int64)) for p in result.projections]
+        for stale in folder.glob(f"{slug}_ch*.npz"):
+            if stale not in arrays:  # from an earlier run with other channels
+                stale.unlink()
         return DeconvResult(result.path, [p.hit for p in result.projections], figure, arrays)
 
     def _save_index(self, folder: Path, results: list[DeconvResult], failures: list[ImageError]) -> None:
@@ -106,8 +109,9 @@ class DeconvJob:
             earlier = json.loads(index.read_text())["figures"]
         except (OSError, ValueError, KeyError, TypeError):
             earlier = []  # none yet, or not ours: this run's figures start a new list
-        kept = [f for f in earlier if f["png"] not in figures_now and (folder / f["png"]).exists()]
-        made = [{"png": png, "image": str(r.image), "model": self.model.name, "layer": self.layer.number,
+        kept = [f for f in (earlier if isinstance(earlier, list) else []) if isinstance(f, dict)
+                and isinstance(f.get("png"), str) and f["png"] not in figures_now and (folder / f["png"]).is_file()]
+        made = [{"png": png, "image": os.path.abspath(r.image), "model": self.model.name, "layer": self.layer.number,
                  "module": self.layer.name, "label": self.layer.label, "rule": self.rule,
                  "hits": [hit.to_json() for hit in r.hits]} for png, r in figures_now.items()]
         save_json(index, {"kind": "deconv", "figures": sorted(kept + made, key=lambda f: f["png"]),

@@ -20,7 +20,7 @@ from vizdeconv import figures, report
 from vizdeconv.deconvnet import Deconvnet, strongest
 from vizdeconv.errors import ImageError
 from vizdeconv.incremental import unsupported
-from vizdeconv.jobs import Progress, find_outputs, no_progress
+from vizdeconv.jobs import Progress, find_outputs, no_progress, reading
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel
 from vizdeconv.occlusion import OcclusionMaps, OcclusionSpec, occlude
@@ -80,9 +80,7 @@ class OcclusionJob:
         images, failures, folders = find_outputs(paths, folder)
         results = {path: done for path in images if (done := self._done(path, folders[path])) is not None}
         todo = [path for path in images if path not in results]
-        missing = len(failures)
-        progress("images", 0, len(todo))
-        for batch in self.model.read(todo, failures, batch_size=1):
+        for batch in reading(self.model, todo, failures, progress, "images", batch_size=1):
             path = batch.paths[0]
             maps = occlude(self.model, self.layers, batch.images[0], self.spec, batch_size=self.batch_size,
                            brute_force=self.brute_force, progress=lambda done, total: progress("squares", done, total))
@@ -91,10 +89,8 @@ class OcclusionJob:
                      figures.occlusion_figure(self.model, batch.images[0], projection, maps, self.spec.rule))
             save_npz(folders[path] / MAPS, **maps.arrays())  # last: a maps.npz present means the image is done
             results[path] = ImageOcclusion(path, folders[path], maps, resumed=False)
-            progress("images", sum(not r.resumed for r in results.values()) + len(failures) - missing, len(todo))
         ordered = [results[path] for path in sorted(results)]
-        if ordered:
-            write_atomic(folder / "summary.csv", lambda file: file.write(self._summary_csv(ordered)))
+        write_atomic(folder / "summary.csv", lambda file: file.write(self._summary_csv(ordered)))
         self._save_index(folder, ordered, failures)
         report.write_report(self.out)
         return OcclusionReport(folder, self.spec, ordered, failures)
@@ -121,7 +117,7 @@ class OcclusionJob:
         where = np.unravel_index(int(maps.prob_true.argmin()), maps.prob_true.shape)
         others = maps.top_class[maps.top_class != maps.target]
         other = int(np.bincount(others).argmax()) if others.size else -1
-        return {"image": str(result.image), "target": maps.target, "target_name": categories[maps.target],
+        return {"image": os.path.abspath(result.image), "target": maps.target, "target_name": categories[maps.target],
                 "prob_clean": f"{maps.prob_clean:.6f}", "prob_min": f"{maps.prob_true[where]:.6f}",
                 "prob_min_y": int(maps.positions_y[where[0]]), "prob_min_x": int(maps.positions_x[where[1]]),
                 "other_class": other, "other_name": categories[other] if other >= 0 else "",

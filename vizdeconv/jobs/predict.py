@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from vizdeconv.errors import ImageError
-from vizdeconv.jobs import Progress, find_inputs, no_progress
+from vizdeconv.jobs import Progress, find_inputs, no_progress, reading
 from vizdeconv.models import LoadedModel
 
 
@@ -41,14 +41,12 @@ class PredictJob:
     @torch.no_grad()
     def run(self, paths: Iterable[str | os.PathLike], progress: Progress = no_progress) -> PredictReport:
         images, failures = find_inputs(paths)
-        missing = len(failures)
         predictions = []
         categories = self.model.categories
-        for batch in self.model.read(images, failures, batch_size=self.batch_size):
+        for batch in reading(self.model, images, failures, progress, "predicting", batch_size=self.batch_size):
             probabilities = self.model.module(batch.images.to(self.model.device)).softmax(1).cpu()
             best = probabilities.topk(min(self.top, probabilities.shape[1]), dim=1)
             for path, values, indices in zip(batch.paths, best.values.tolist(), best.indices.tolist()):
                 predictions.append(Prediction(path, [(i, categories[i] if i < len(categories) else str(i), v)
                                                      for i, v in zip(indices, values)]))
-            progress("predicting", len(predictions) + len(failures) - missing, len(images))
         return PredictReport(predictions, failures)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vizdeconv import figures, report
+from vizdeconv import figures, render, report
 from vizdeconv.deconvnet import Deconvnet
 from vizdeconv.embedded import sample_folder
 from vizdeconv.errors import ImageError, VizDeconvError
@@ -26,10 +26,7 @@ from vizdeconv.outputs import save_json, save_png
 from vizdeconv.topk import TopK, hits, parse_channels, project_hits, scan
 
 SHEET = 64  # channel figures per overview sheet
-DISPLAY = ("projections scaled symmetrically around zero, each on its own: 0.5 + 0.5·p/s clipped, s the 99th percentile "
-           "of its nonzero |p| (zero is mid-grey); "
-           "tiles show the unit's receptive field (the whole image along an axis where the field covers it), "
-           "grey where the field reaches past the image")
+
 
 
 def default_images(model: LoadedModel) -> list[Path]:
@@ -89,6 +86,7 @@ class ProjectJob:
         progress(scanning, 0, len(images))
         for done in scan(self.deconvnet, images, best, failures, batch_size=self.batch_size, workers=self.workers):
             progress(scanning, done, len(images))
+        progress(scanning, len(images), len(images))
         scanned = len(images) - (len(failures) - missing)
         found = hits(best, self.layer, images, self.model.input_size)
         tiles = self._tiles(found, failures, progress)
@@ -108,6 +106,7 @@ class ProjectJob:
             for projection in result.projections:
                 tiles[projection.hit] = figures.top_tiles(self.model, self.layer, result.input, projection)
             progress(projecting, done, len(images))
+        progress(projecting, len(images), len(images))
         return tiles
 
     def _write(self, found: dict[int, list[Hit]], tiles: dict[Hit, tuple[Image.Image, Image.Image]], scanned: int,
@@ -142,6 +141,10 @@ class ProjectJob:
             "input_size": list(self.model.input_size), "k": self.k,
             "receptive_field": {"size": list(field.size), "stride": list(field.stride), "offset": list(field.offset)},
             "images_scanned": scanned, "failed": [failure.to_json() for failure in failures],
-            "display": DISPLAY, "overview": sheets, "channels": channels,
+            "display": render.DISPLAY, "overview": sheets, "channels": channels,
         })
+        written = {channel["png"] for channel in channels} | set(sheets)
+        for stale in [*folder.glob("ch*.png"), *folder.glob("overview*.png")]:
+            if stale.name not in written:  # from an earlier run with other channels or k
+                stale.unlink()
         return folder
