@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from bench_deconv import best_of
 from captum.attr import Occlusion
 
 from vizdeconv.images import find_images
@@ -41,15 +42,6 @@ from vizdeconv.occlusion import OcclusionSpec, corners, default_geometry, occlud
 BATCH = 64
 CASES = "alexnet:50:8,vgg16:50:8,alexnet:16:4"
 FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
-
-
-def timed(repeats: int, run):
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def spread(prob_true: np.ndarray, prob_clean: float, ys, xs, size: int, height: int, width: int) -> np.ndarray:
@@ -95,10 +87,10 @@ def bench(name: str, size: int, stride: int, repeats: int) -> None:
             return occlusion.attribute(image[None], sliding_window_shapes=(3, size, size), strides=(3, stride, stride),
                                        baselines=0, target=target, perturbations_per_eval=BATCH)[0, 0].numpy()
 
-    brute_time, brute_map = timed(repeats, brute_force)
-    captum_time, captum_map = timed(repeats, captum)
-    ours_time, maps = timed(repeats, ours)
-    rough_time, rough = timed(repeats, lambda: ours(approximate=True))
+    brute_time, brute_map = best_of(repeats, brute_force)
+    captum_time, captum_map = best_of(repeats, captum)
+    ours_time, maps = best_of(repeats, ours)
+    rough_time, rough = best_of(repeats, lambda: ours(approximate=True))
     inside = ys[-1] + stride  # pixels below/right of this are also covered by Captum's overhanging windows
     expected = spread(maps.prob_true, maps.prob_clean, ys, xs, size, 224, 224)
     full, incremental = multiply_adds(layers.chain, size, stride)

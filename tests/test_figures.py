@@ -136,7 +136,7 @@ def test_top_tiles_show_the_whole_image_when_the_field_is_larger():
     signs = np.sign(np.sin(np.arange(20 * 30)).reshape(20, 30))  # -1, 0 or 1: 0, 128 or 255 on screen
     projection = Projection(Hit(Path("a.png"), 0, (2, 3), 1.0, (0, 0, 20, 30), True),
                             torch.tensor(np.stack([signs, -signs, 0 * signs]), dtype=torch.float32))
-    projected, patch = figures.top_tiles(model, layer, _image(model, pixels), projection)
+    [(projected, patch)] = figures.image_tiles(model, layer, _image(model, pixels), [projection])
     assert patch.size == projected.size == (120, 80)  # longer side 30 → factor 4
     got_patch, got_projection = np.asarray(patch), np.asarray(projected)
     grey = {-1.0: 0, 0.0: 128, 1.0: 255}
@@ -154,7 +154,7 @@ def test_top_tiles_keep_the_field_along_an_axis_it_does_not_cover():
     layer = _layer(Field((25, 25), (4, 4), (-12, -12)))
     # Unit (1, 0): rows -8..17 cover all 20 rows → 0..20; columns -12..13 stay, 12 of them outside.
     projection = Projection(Hit(Path("a.png"), 0, (1, 0), 1.0, (0, 0, 17, 13), True), torch.zeros(3, 20, 30))
-    _, patch = figures.top_tiles(model, layer, _image(model, pixels), projection)
+    [(_, patch)] = figures.image_tiles(model, layer, _image(model, pixels), [projection])
     assert patch.size == (100, 80)  # 25 × 20 window, factor 4
     got = np.asarray(patch)
     for ty in range(80):
@@ -201,7 +201,7 @@ def test_occlusion_figure_layout_and_panels(monkeypatch):
     top_class = _top_class()
     projection = torch.zeros(3, 32, 32)
     projection[:, :16] = 1.0  # top half white, bottom half mid-grey
-    figure = figures.occlusion_figure(model, torch.zeros(3, 32, 32), projection, _maps(top_class), "deconvnet")
+    figure = figures.occlusion_figure(model, torch.zeros(3, 32, 32), projection, _maps(top_class))
 
     side = render.PANEL
     row_h = side + 18 + 8  # caption above, margin below (labelled_row)

@@ -26,12 +26,16 @@ THUMB_WIDTH = 360  # a channel figure's width on an overview sheet
 SHEET_COLUMNS = 6
 
 
-def top_tiles(model: LoadedModel, layer: Layer, image: torch.Tensor, projection: Projection
-              ) -> tuple[Image.Image, Image.Image]:
-    """The projection and the image patch of one top-k hit, as tiles of the layer's field."""
-    window = render.display_window(layer.field.window(*projection.hit.position), *model.input_size[1:])
-    return (render.field_tile(render.projection_to_image(projection.pixels), window),
-            render.field_tile(render.input_to_image(image, model.mean, model.std), window))
+def image_tiles(model: LoadedModel, layer: Layer, image: torch.Tensor, projections: Sequence[Projection]
+                ) -> list[tuple[Image.Image, Image.Image]]:
+    """The projection and the image patch of each top-k hit on one ``(C, H, W)`` input, as tiles of the layer's field."""
+    picture = render.input_to_image(image, model.mean, model.std)
+    tiles = []
+    for projection in projections:
+        window = render.display_window(layer.field.window(*projection.hit.position), *model.input_size[1:])
+        tiles.append((render.field_tile(render.projection_to_image(projection.pixels), window),
+                      render.field_tile(picture, window)))
+    return tiles
 
 
 def _tile_block(tiles: Sequence[Image.Image], captions: Sequence[str], columns: int) -> Image.Image:
@@ -92,20 +96,21 @@ def deconv_figure(model: LoadedModel, title: str, image: torch.Tensor, projectio
     and both cropped to the field."""
     picture = render.input_to_image(image, model.mean, model.std)
     scale = render.PANEL / max(picture.size)
+    fitted = render.fit(picture)
     rows = []
     for projection in projections:
         hit = projection.hit
         pixels = render.projection_to_image(projection.pixels)
         rows.append(render.labelled_row(
-            [render.draw_box(render.fit(picture), hit.box, scale), render.draw_box(render.fit(pixels), hit.box, scale),
+            [render.draw_box(fitted, hit.box, scale), render.draw_box(render.fit(pixels), hit.box, scale),
              render.fit(render.crop(picture, hit.box)), render.fit(render.crop(pixels, hit.box))],
             [f"input, ch {hit.channel} at {hit.position}", f"projection (activation {hit.value:.3g})", "input patch",
              "projection patch"]))
     return render.stack(rows, title)
 
 
-def occlusion_figure(model: LoadedModel, image: torch.Tensor, projection: torch.Tensor, maps: OcclusionMaps,
-                     rule: str) -> Image.Image:
+def occlusion_figure(model: LoadedModel, image: torch.Tensor, projection: torch.Tensor, maps: OcclusionMaps
+                     ) -> Image.Image:
     """Paper Fig. 7: (a) input and square, (b) feature map total, (c) its projection, (d) p(target),
     (e) most probable class, then (b), (d), (e) overlaid on the input, and the class legend."""
     picture = render.input_to_image(image, model.mean, model.std)
@@ -113,7 +118,7 @@ def occlusion_figure(model: LoadedModel, image: torch.Tensor, projection: torch.
     corner = np.unravel_index(int(maps.prob_true.argmin()), maps.prob_true.shape)
     y, x = int(maps.positions_y[corner[0]]), int(maps.positions_x[corner[1]])
     square = render.draw_box(render.fit(picture), (y, x, y + maps.size, x + maps.size), scale)
-    name = model.categories[maps.target]
+    name = model.category(maps.target)
     features = render.heatmap(maps.feature_total, float(maps.feature_total.min()), float(maps.feature_total.max()))
     probability = render.heatmap(maps.prob_true, 0.0, 1.0)
     classes = render.class_colours(maps.top_class)
@@ -121,7 +126,7 @@ def occlusion_figure(model: LoadedModel, image: torch.Tensor, projection: torch.
         [square, render.fit(features), render.fit(render.projection_to_image(projection)), render.fit(probability),
          render.fit(classes)],
         [f"(a) square {maps.size}px, stride {maps.stride}", f"(b) ch {maps.channel} total "
-         f"{maps.feature_total.min():.3g}..{maps.feature_total.max():.3g}", f"(c) ch {maps.channel} projection ({rule})",
+         f"{maps.feature_total.min():.3g}..{maps.feature_total.max():.3g}", f"(c) ch {maps.channel} projection ({maps.rule})",
          f"(d) p({name[:16]}) 0..1", "(e) most probable class"])
     overlays = [render.overlay(picture, cells, maps.positions_y, maps.positions_x, maps.size)
                 for cells in (features, probability, classes)]
@@ -138,7 +143,7 @@ def legend(model: LoadedModel, top_class: np.ndarray) -> Image.Image:
     and the colour scale of (b) and (d)."""
     counts = np.bincount(top_class.ravel())
     ranked = render.ranked_classes(top_class)
-    entries = [(render.PALETTE[i], model.categories[c], counts[c]) for i, c in enumerate(ranked[:len(render.PALETTE)])]
+    entries = [(render.PALETTE[i], model.category(c), counts[c]) for i, c in enumerate(ranked[:len(render.PALETTE)])]
     if len(ranked) > len(render.PALETTE):
         rest = ranked[len(render.PALETTE):]
         entries.append((render.OTHER, f"{len(rest)} other classes", sum(counts[c] for c in rest)))

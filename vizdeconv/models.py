@@ -70,6 +70,10 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
+    def category(self, index: int) -> str:
+        """Class ``index``'s name, or the number itself where the model has no names (a bare module)."""
+        return self.categories[index] if index < len(self.categories) else str(index)
+
     @classmethod
     def from_module(cls, module: nn.Module, input_size: int | Sequence[int] = 224, *,
                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,

@@ -10,6 +10,7 @@ inline, so the page works offline.
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import os
@@ -25,6 +26,7 @@ PAGE = "index.html"
 def write_report(out: str | os.PathLike) -> Path:
     """Rebuild ``out/index.html`` from the ``index.json`` manifests under ``out``; returns its path."""
     out = Path(out)
+    _link.cache_clear()
     manifests = []
     for index in out.glob("*/index.json"):
         try:
@@ -55,7 +57,7 @@ def write_report(out: str | os.PathLike) -> Path:
 def _order(manifest: tuple[str, dict]) -> tuple:
     """Top-k layers first (numbered ones by number, bottom up), then occlusion, deconv, the rest by folder."""
     folder, data = manifest
-    kinds = ["project", "occlude", "deconv"]
+    kinds = list(SECTIONS)
     kind = kinds.index(data["kind"]) if data["kind"] in kinds else len(kinds)
     number = data.get("layer") if data["kind"] == "project" and isinstance(data.get("layer"), int) else None
     return kind, number is None, number or 0, folder
@@ -79,6 +81,7 @@ def _title(folder: str, data: dict) -> str:
     return {"project": data.get("label", folder), "occlude": "occlusion", "deconv": "deconv"}.get(data["kind"], folder)
 
 
+@functools.cache  # a hit image recurs across channels; write_report clears it so files can come and go
 def _link(path: str, out: Path) -> str | None:
     """A percent-encoded relative link from the report to an input file, or None when it is not there."""
     target = Path(path).resolve()
@@ -99,7 +102,7 @@ def _image_cell(path: str, out: Path) -> str:
     return f'<a href="{_attr(link)}">{_text(path)}</a>' if link else _text(path)
 
 
-def _failed(data: dict, out: Path) -> str:
+def _failed(data: dict) -> str:
     failed = data.get("failed", [])
     if not failed:
         return ""
@@ -124,7 +127,7 @@ def _project_section(folder: str, data: dict, out: Path) -> str:
             f'over {data["images_scanned"]} images; receptive field {field["size"][0]}×{field["size"][1]} px, '
             f'stride {field["stride"][0]}. Overview: {sheets or "none (no channel fired)"}; '
             f'<a href="{_url(folder)}/index.json">index.json</a>. Click a channel for its view.</p>'
-            f'{_failed(data, out)}<div class="channels">{cards}</div></section>')
+            f'{_failed(data)}<div class="channels">{cards}</div></section>')
 
 
 def _occlude_section(folder: str, data: dict, out: Path) -> str:
@@ -137,7 +140,7 @@ def _occlude_section(folder: str, data: dict, out: Path) -> str:
             f'<p>{_text(data["model"])}, {_text(data["label"])}: square {data["size"]} px, stride {data["stride"]}, '
             f'target {_text(data["target"])}, {_text(data["rule"])} rule for panel (c)'
             f'{", APPROXIMATE maps" if data["approximate"] else ""}. '
-            f'<a href="{_url(folder)}/summary.csv">summary.csv</a></p>{_failed(data, out)}'
+            f'<a href="{_url(folder)}/summary.csv">summary.csv</a></p>{_failed(data)}'
             '<table class="occlusion"><tr><th>figure</th><th>image</th><th>target</th><th>p unoccluded</th>'
             f'<th>lowest p</th><th>most frequent other class</th></tr>{rows}</table></section>')
 
@@ -164,7 +167,7 @@ def _deconv_section(folder: str, data: dict, out: Path) -> str:
         _card(folder, f["png"], f["image"], f'{_image_cell(f["image"], out)}: {_text(f["label"])}, {_text(f["rule"])}; '
               f'channels {", ".join(str(h["channel"]) for h in f["hits"])}')
         for f in data["figures"])
-    return (f'<section id="{_attr(folder)}" data-kind="deconv"><h2>Deconv projections</h2>{_failed(data, out)}'
+    return (f'<section id="{_attr(folder)}" data-kind="deconv"><h2>Deconv projections</h2>{_failed(data)}'
             f'<div class="figures">{cards}</div></section>')
 
 
@@ -173,7 +176,7 @@ def _figures_section(folder: str, data: dict, out: Path) -> str:
     cards = "".join(_card(folder, f["png"], f.get("caption", f["png"]), _text(f.get("caption", f["png"])))
                     for f in data.get("figures", []))
     return (f'<section id="{_attr(folder)}" data-kind="{_attr(data["kind"])}"><h2>{_text(data.get("title", folder))}'
-            f'</h2>{_failed(data, out)}<div class="figures">{cards}</div></section>')
+            f'</h2>{_failed(data)}<div class="figures">{cards}</div></section>')
 
 
 SECTIONS = {"project": _project_section, "occlude": _occlude_section, "deconv": _deconv_section}

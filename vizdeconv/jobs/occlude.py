@@ -86,12 +86,13 @@ class OcclusionJob:
                            brute_force=self.brute_force, progress=lambda done, total: progress("squares", done, total))
             projection = self._strongest_projection(batch.images[0], maps.channel)
             save_png(folders[path] / FIGURE,
-                     figures.occlusion_figure(self.model, batch.images[0], projection, maps, self.spec.rule))
+                     figures.occlusion_figure(self.model, batch.images[0], projection, maps))
             save_npz(folders[path] / MAPS, **maps.arrays())  # last: a maps.npz present means the image is done
             results[path] = ImageOcclusion(path, folders[path], maps, resumed=False)
         ordered = [results[path] for path in sorted(results)]
-        write_atomic(folder / "summary.csv", lambda file: file.write(self._summary_csv(ordered)))
-        self._save_index(folder, ordered, failures)
+        rows = [self.summary_row(result) for result in ordered]
+        write_atomic(folder / "summary.csv", lambda file: file.write(_summary_csv(rows)))
+        self._save_index(folder, ordered, rows, failures)
         report.write_report(self.out)
         return OcclusionReport(folder, self.spec, ordered, failures)
 
@@ -113,30 +114,33 @@ class OcclusionJob:
 
     def summary_row(self, result: ImageOcclusion) -> dict:
         """One ``summary.csv`` row: the lowest p(target) and where, and the most frequent other class."""
-        maps, categories = result.maps, self.model.categories
+        maps = result.maps
         where = np.unravel_index(int(maps.prob_true.argmin()), maps.prob_true.shape)
         others = maps.top_class[maps.top_class != maps.target]
         other = int(np.bincount(others).argmax()) if others.size else -1
-        return {"image": os.path.abspath(result.image), "target": maps.target, "target_name": categories[maps.target],
+        return {"image": os.path.abspath(result.image), "target": maps.target,
+                "target_name": self.model.category(maps.target),
                 "prob_clean": f"{maps.prob_clean:.6f}", "prob_min": f"{maps.prob_true[where]:.6f}",
                 "prob_min_y": int(maps.positions_y[where[0]]), "prob_min_x": int(maps.positions_x[where[1]]),
-                "other_class": other, "other_name": categories[other] if other >= 0 else "",
+                "other_class": other, "other_name": self.model.category(other) if other >= 0 else "",
                 "other_fraction": f"{others.size / maps.top_class.size:.4f}"}
 
-    def _summary_csv(self, results: list[ImageOcclusion]) -> bytes:
-        text = io.StringIO()
-        writer = csv.DictWriter(text, SUMMARY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(self.summary_row(result) for result in results)
-        return text.getvalue().encode()
-
-    def _save_index(self, folder: Path, results: list[ImageOcclusion], failures: list[ImageError]) -> None:
+    def _save_index(self, folder: Path, results: list[ImageOcclusion], rows: list[dict],
+                    failures: list[ImageError]) -> None:
         spec = self.spec
         save_json(folder / "index.json", {
             "kind": "occlude", "model": spec.model, "module": spec.layer, "label": self.layer.label,
             "size": spec.size, "stride": spec.stride, "fill": list(spec.fill), "target": spec.target,
             "rule": spec.rule, "approximate": spec.approximate,
-            "images": [{"png": (r.folder / FIGURE).relative_to(folder).as_posix(), "method": r.maps.method,
-                        **self.summary_row(r)} for r in results],
+            "images": [{"png": (r.folder / FIGURE).relative_to(folder).as_posix(), "method": r.maps.method, **row}
+                       for r, row in zip(results, rows)],
             "failed": [failure.to_json() for failure in failures],
         })
+
+
+def _summary_csv(rows: list[dict]) -> bytes:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, SUMMARY_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue().encode()

@@ -42,11 +42,10 @@ class PredictJob:
     def run(self, paths: Iterable[str | os.PathLike], progress: Progress = no_progress) -> PredictReport:
         images, failures = find_inputs(paths)
         predictions = []
-        categories = self.model.categories
         for batch in reading(self.model, images, failures, progress, "predicting", batch_size=self.batch_size):
             probabilities = self.model.module(batch.images.to(self.model.device)).softmax(1).cpu()
             best = probabilities.topk(min(self.top, probabilities.shape[1]), dim=1)
             for path, values, indices in zip(batch.paths, best.values.tolist(), best.indices.tolist()):
-                predictions.append(Prediction(path, [(i, categories[i] if i < len(categories) else str(i), v)
+                predictions.append(Prediction(path, [(i, self.model.category(i), v)
                                                      for i, v in zip(indices, values)]))
         return PredictReport(predictions, failures)

@@ -29,6 +29,10 @@ SHEET = 64  # channel figures per overview sheet
 
 
 
+def figure_name(channel: int) -> str:
+    return f"ch{channel:03d}.png"
+
+
 def default_images(model: LoadedModel) -> list[Path]:
     """What ``project`` scans when no images are given: the embedded model's shipped samples."""
     if model.name != EMBEDDED:
@@ -55,7 +59,7 @@ class TopKReport:
     failures: list[ImageError]
 
     def figure(self, channel: int) -> Path:
-        return self.folder / f"ch{channel:03d}.png"
+        return self.folder / figure_name(channel)
 
 
 class ProjectJob:
@@ -103,8 +107,8 @@ class ProjectJob:
         progress(projecting, 0, len(images))
         tiles = {}
         for done, result in enumerate(project_hits(self.deconvnet, found, failures, batch_size=self.batch_size), 1):
-            for projection in result.projections:
-                tiles[projection.hit] = figures.top_tiles(self.model, self.layer, result.input, projection)
+            pairs = figures.image_tiles(self.model, self.layer, result.input, result.projections)
+            tiles.update(zip((projection.hit for projection in result.projections), pairs))
             progress(projecting, done, len(images))
         progress(projecting, len(images), len(images))
         return tiles
@@ -121,18 +125,18 @@ class ProjectJob:
             figure = figures.channel_figure(title, [tiles[h][0] for h in channel_hits], [tiles[h][1] for h in channel_hits],
                                             [h.value for h in channel_hits], [h.image.stem for h in channel_hits],
                                             columns)
-            save_png(folder / f"ch{channel:03d}.png", figure)
+            save_png(folder / figure_name(channel), figure)
             drawn.append(figure)
-            channels.append({"channel": channel, "png": f"ch{channel:03d}.png",
+            channels.append({"channel": channel, "png": figure_name(channel),
                              "hits": [hit.to_json() for hit in channel_hits]})
         sheets = []
         for number, start in enumerate(range(0, len(drawn), SHEET), start=1):
             name = "overview.png" if number == 1 else f"overview-{number}.png"
-            last = min(start + SHEET, len(channels)) - 1
-            title = (f"{self.model.name}, {self.layer.label}, {self.rule} rule: channels {channels[start]['channel']}.."
-                     f"{channels[last]['channel']}, top {self.k} over {scanned} images")
-            labels = [f"channel {c['channel']}: max {c['hits'][0]['value']:.3g}" for c in channels[start:last + 1]]
-            save_png(folder / name, figures.overview(drawn[start:last + 1], labels, title))
+            sheet = channels[start:start + SHEET]
+            title = (f"{self.model.name}, {self.layer.label}, {self.rule} rule: channels {sheet[0]['channel']}.."
+                     f"{sheet[-1]['channel']}, top {self.k} over {scanned} images")
+            labels = [f"channel {c['channel']}: max {c['hits'][0]['value']:.3g}" for c in sheet]
+            save_png(folder / name, figures.overview(drawn[start:start + SHEET], labels, title))
             sheets.append(name)
         field = self.layer.field
         save_json(folder / "index.json", {
