@@ -63,12 +63,8 @@ class Deconvnet:
 
     def activations(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, K, h, w)`` activations of the layer for a preprocessed batch, nothing above it run."""
-        with torch.no_grad():
-            if self.layer.chain_index is not None:
-                with SwitchRecorder(self.layers.chain, self.layer.chain_index, switches=False) as recorder:
-                    return recorder.forward(images).activations
-            with PointRecorder(self.model.module, self.layer.point) as recorder:
-                return recorder.run(images)
+        with torch.no_grad(), PointRecorder(self.model.module, self.layer.point) as recorder:
+            return recorder.run(images)
 
     def forward(self, images: torch.Tensor) -> Forward:
         """Run a batch up to the layer, keeping what ``project`` needs (switches, or the autograd graph)."""

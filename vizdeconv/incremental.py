@@ -25,9 +25,9 @@ from vizdeconv.layers import Chain, Layer, Layers, Step
 def _behaviour(module: nn.Module) -> str | None:
     """``pointwise``, ``local`` (a conv or max-pool, run on regions) or None (run in full from here)."""
     op = ops.for_module(module)
-    if op is None or (op.occlusion == "local" and op.name not in ("conv2d", "max_pool2d")):
-        return None
-    return op.occlusion if op.occlusion in ("pointwise", "local") else None
+    if op is not None and (op.occlusion == "pointwise" or op.name in ("conv2d", "max_pool2d")):
+        return op.occlusion
+    return None
 
 
 def unsupported(layers: Layers, layer: Layer) -> str | None:

@@ -10,6 +10,7 @@ something else (a residual sum, a functional op).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections import Counter
@@ -78,50 +79,72 @@ def _walkable(module: nn.Module) -> bool:
 
 
 def trace_chain(model: LoadedModel) -> Chain:
-    """Run one forward pass on noise and record the plain chain of leaf-module calls.
+    """Run one forward pass on noise and record the plain chain of leaf-module calls (``LeafCalls``)."""
+    with torch.no_grad(), LeafCalls(model.module) as calls:
+        model.module(torch.randn(1, *model.input_size, device=model.device))
+    return calls.chain(model.input_size)
 
-    A call joins the chain when its only input is the very tensor the previous call returned, at
-    the same version (an in-place ``out += identity`` in between would change the version).
+
+class LeafCalls:
+    """While the model runs inside ``with``, record its input and output and every leaf module's call.
+
+    ``chain()`` then gives the plain chain: a call joins it when its only input is the very tensor
+    the previous call returned, at the same version (an in-place ``out += identity`` in between
+    would change the version).
     """
-    names = {module: name for name, module in model.module.named_modules()}
-    leaves = [module for module in model.module.modules() if not any(True for _ in module.children())]
-    calls = []
 
-    def before(module, inputs):
-        tensor = inputs[0] if len(inputs) == 1 and isinstance(inputs[0], torch.Tensor) else None
-        calls.append([module, tensor, tensor._version if tensor is not None else None, None, None])
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.names = {m: name for name, m in module.named_modules()}
+        self.calls: list[list] = []
+        self.input = self.output = None
 
-    def after(module, inputs, output):
-        record = next(c for c in reversed(calls) if c[0] is module and c[3] is None)
-        record[3:] = [output, output._version] if isinstance(output, torch.Tensor) else [False, None]
+    def __enter__(self) -> LeafCalls:
+        leaves = [m for m in self.module.modules() if not any(True for _ in m.children())]
+        self._handles = [self.module.register_forward_pre_hook(self._start),
+                         self.module.register_forward_hook(self._end)]
+        self._handles += [m.register_forward_pre_hook(self._before) for m in leaves]
+        self._handles += [m.register_forward_hook(self._after) for m in leaves]
+        return self
 
-    handles = [m.register_forward_pre_hook(before) for m in leaves] + [m.register_forward_hook(after) for m in leaves]
-    x = torch.randn(1, *model.input_size, device=model.device)
-    try:
-        with torch.no_grad():
-            output = model.module(x)
-    finally:
-        for handle in handles:
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
             handle.remove()
 
-    steps = []
-    previous, version, previous_name = x, x._version, "the input"
-    end = "the model's output"
-    for module, tensor, tensor_version, out, out_version in calls:
-        name = names.get(module, type(module).__name__)
-        if _is_flattened(tensor, tensor_version, previous, version):
-            # torch.flatten(x, 1) in the model's forward (torchvision's AlexNet and VGG): an implicit step.
-            steps.append(Step(len(steps), "(flatten)", nn.Flatten(), tuple(previous.shape[1:]), tuple(tensor.shape[1:])))
-            previous = tensor
-        if tensor is not previous or tensor_version != version or not isinstance(out, torch.Tensor):
-            end = f"{name!r}, whose input is not the plain output of {previous_name}"
-            break
-        steps.append(Step(len(steps), name, module, tuple(tensor.shape[1:]), tuple(out.shape[1:])))
-        previous, version, previous_name = out, out_version, repr(name)
-    else:
-        if previous is not output:
-            end = f"{previous_name}, after which the model does more"
-    return Chain(tuple(steps), end, model.input_size)
+    def _start(self, module, inputs) -> None:
+        self.input, self.calls = inputs[0], []
+
+    def _end(self, module, inputs, output) -> None:
+        self.output = output
+
+    def _before(self, module, inputs) -> None:
+        tensor = inputs[0] if len(inputs) == 1 and isinstance(inputs[0], torch.Tensor) else None
+        self.calls.append([module, tensor, tensor._version if tensor is not None else None, None, None])
+
+    def _after(self, module, inputs, output) -> None:
+        record = next(c for c in reversed(self.calls) if c[0] is module and c[3] is None)
+        record[3:] = [output, output._version] if isinstance(output, torch.Tensor) else [False, None]
+
+    def chain(self, input_size: tuple[int, int, int]) -> Chain:
+        steps = []
+        previous, version, previous_name = self.input, self.input._version, "the input"
+        end = "the model's output"
+        for module, tensor, tensor_version, out, out_version in self.calls:
+            name = self.names.get(module, type(module).__name__)
+            if _is_flattened(tensor, tensor_version, previous, version):
+                # torch.flatten(x, 1) in the model's forward (torchvision's AlexNet and VGG): an implicit step.
+                steps.append(Step(len(steps), "(flatten)", nn.Flatten(), tuple(previous.shape[1:]),
+                                  tuple(tensor.shape[1:])))
+                previous = tensor
+            if tensor is not previous or tensor_version != version or not isinstance(out, torch.Tensor):
+                end = f"{name!r}, whose input is not the plain output of {previous_name}"
+                break
+            steps.append(Step(len(steps), name, module, tuple(tensor.shape[1:]), tuple(out.shape[1:])))
+            previous, version, previous_name = out, out_version, repr(name)
+        else:
+            if previous is not self.output:
+                end = f"{previous_name}, after which the model does more"
+        return Chain(tuple(steps), end, input_size)
 
 
 def _is_flattened(tensor, tensor_version, previous, version) -> bool:
@@ -244,21 +267,21 @@ class Layers:
             raise LayerError("the model has no module with a (C, H, W) output to project from")
         return self._layer(self.graph.points[-1])
 
-    def _calls(self) -> dict[tuple[str, int], int]:
+    @functools.cached_property
+    def _steps(self) -> dict[tuple[str, int], int]:
         """``(module name, call) → chain step index``: a module's k-th call in the chain is its k-th call."""
         seen: Counter = Counter()
-        calls = {}
+        steps = {}
         for step in self.chain.steps:
-            calls[step.name, seen[step.name]] = step.index
+            steps[step.name, seen[step.name]] = step.index
             seen[step.name] += 1
-        return calls
+        return steps
 
     def _point_of(self, step: Step) -> Point | None:
-        call = sum(1 for s in self.chain.steps[: step.index] if s.name == step.name)
-        return next((p for p in self.graph.points if (p.module_name, p.call) == (step.name, call)), None)
+        return next((p for p in self.graph.points if self._steps.get((p.module_name, p.call)) == step.index), None)
 
     def _layer(self, point: Point, number: int | None = None, conv: str | None = None) -> Layer:
-        return Layer(point, number, self._calls().get((point.module_name, point.call)), conv)
+        return Layer(point, number, self._steps.get((point.module_name, point.call)), conv)
 
     def describe(self) -> list[dict]:
         """One row per layer, for ``vizdeconv layers`` (JSON-ready)."""
@@ -280,5 +303,7 @@ class Layers:
 
 
 def trace_layers(model: LoadedModel) -> Layers:
-    """Trace the model's graph and its plain chain (two forward passes on noise)."""
-    return Layers(trace(model), trace_chain(model))
+    """Trace the model's graph and its plain chain, in one forward pass on noise."""
+    with LeafCalls(model.module) as calls:
+        graph = trace(model)
+    return Layers(graph, calls.chain(model.input_size))

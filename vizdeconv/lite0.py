@@ -34,13 +34,13 @@ STAGES = (
 )
 
 
-def same_pads(size: int, *, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+def same_pads(size: int, *, kernel: int, stride: int) -> tuple[int, int]:
     """TensorFlow's "same" padding on one axis: ``(before, after)``, the extra pixel after.
 
     The output has ``ceil(size / stride)`` pixels; at stride 2 on an even side the total is odd,
     so it cannot be a symmetric ``padding=`` of ``nn.Conv2d``.
     """
-    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
 
 

@@ -38,7 +38,6 @@ class Op:
             ``pointwise`` (spatially), ``skipped`` (identity on the way down), ``global`` (mixes the
             whole map), ``shape`` (moves values without mixing positions).
         down: what the deconvnet does with it on the way down.
-        occlusion: ``pointwise``, ``local`` or ``global``: how far a change in the input spreads.
         functions: the torch callables that perform it (as a ``TorchFunctionMode`` sees them).
         modules: module types (exact) whose forward is this op alone, for the chain walk.
         geometry: for local ops, ``(call args, kwargs, axis) -> Geometry``.
@@ -47,10 +46,14 @@ class Op:
     name: str
     kind: str
     down: str
-    occlusion: str
     functions: tuple = ()
     modules: tuple = ()
     geometry: Callable[..., Geometry] | None = None
+
+    @property
+    def occlusion(self) -> str:
+        """``pointwise``, ``local`` or ``global``: how far a change in the op's input spreads."""
+        return {"local": "local", "max-pool": "local", "global": "global"}.get(self.kind, "pointwise")
 
 
 def _pair(value, axis: int) -> int:
@@ -114,44 +117,40 @@ SHAPE = ("view", "reshape", "flatten", "permute", "transpose", "contiguous", "cl
          "unsqueeze", "squeeze", "expand", "expand_as", "narrow", "select", "to", "float", "type_as")
 
 OPS: tuple[Op, ...] = (
-    Op("relu", "rectifier", "rectifier rule (--rule)", "pointwise",
-       _functions("relu", "relu_") + (torch.Tensor.relu, torch.Tensor.relu_), (nn.ReLU,)),
-    Op("relu6", "rectifier", "rectifier rule (--rule); clipped at 6 (or hardtanh's max) going up", "pointwise",
+    Op("relu", "rectifier", "rectifier rule (--rule)",
+       _functions("relu", "relu_"), (nn.ReLU,)),
+    Op("relu6", "rectifier", "rectifier rule (--rule); clipped at 6 (or hardtanh's max) going up",
        (F.relu6, F.hardtanh, F.hardtanh_, torch._C._nn.relu6, torch._C._nn.hardtanh, torch._C._nn.hardtanh_),
        (nn.ReLU6,)),
-    Op("hardtanh", "pointwise", "its ordinary local gradient (a hardtanh whose minimum is not 0)", "pointwise"),
-    Op("conv2d", "local", "transposed conv with the same weights, no bias", "local", (torch.conv2d,), (nn.Conv2d,),
+    Op("hardtanh", "pointwise", "its ordinary local gradient (a hardtanh whose minimum is not 0)"),
+    Op("conv2d", "local", "transposed conv with the same weights, no bias", (torch.conv2d,), (nn.Conv2d,),
        _conv_geometry),
-    Op("max_pool2d", "max-pool", "unpooled through the switches (overlapping windows add up)", "local",
+    Op("max_pool2d", "max-pool", "unpooled through the switches (overlapping windows add up)",
        (F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d), (nn.MaxPool2d,), _max_pool_geometry),
-    Op("avg_pool2d", "local", "its transpose (spread evenly over the window)", "local",
+    Op("avg_pool2d", "local", "its transpose (spread evenly over the window)",
        (F.avg_pool2d,), (nn.AvgPool2d,), _pool_geometry),
-    Op("pad", "local", "cropped (the transpose of padding)", "local", (F.pad, torch._C._nn.pad), (nn.ZeroPad2d,),
+    Op("pad", "local", "cropped (the transpose of padding)", (F.pad, torch._C._nn.pad), (nn.ZeroPad2d,),
        _pad_geometry),
-    Op("batch_norm", "pointwise", "scaled by γ/√(σ²+ε) (eval statistics)", "pointwise", (F.batch_norm,),
-       (nn.BatchNorm2d,)),
+    Op("batch_norm", "pointwise", "scaled by γ/√(σ²+ε) (eval statistics)", (F.batch_norm,), (nn.BatchNorm2d,)),
     Op("local_response_norm", "skipped", "skipped, as in the paper (plain gradient with --rule gradient)",
-       "pointwise", (F.local_response_norm,), (nn.LocalResponseNorm,)),
-    Op("dropout", "skipped", "identity (eval; nn.Identity too)", "pointwise", (F.dropout, F.dropout2d, F.alpha_dropout,
-                                                              F.feature_alpha_dropout), (nn.Dropout, nn.Identity)),
-    Op("add", "pointwise", "copied to each branch (residual sums)", "pointwise", _functions(*ELEMENTWISE_ARITHMETIC)),
-    Op("product", "pointwise", "local gradient: each factor's signal scaled by the other factor", "pointwise",
-       _functions(*PRODUCTS)),
-    Op("nonlinearity", "pointwise", "its ordinary local gradient (not rectified)", "pointwise",
+       (F.local_response_norm,), (nn.LocalResponseNorm,)),
+    Op("dropout", "skipped", "identity (eval; nn.Identity too)",
+       (F.dropout, F.dropout2d, F.alpha_dropout, F.feature_alpha_dropout), (nn.Dropout, nn.Identity)),
+    Op("add", "pointwise", "copied to each branch (residual sums)", _functions(*ELEMENTWISE_ARITHMETIC)),
+    Op("product", "pointwise", "local gradient: each factor's signal scaled by the other factor", _functions(*PRODUCTS)),
+    Op("nonlinearity", "pointwise", "its ordinary local gradient (not rectified)",
        _functions(*NONLINEAR, namespaces=(torch, F, torch.Tensor, torch._C._nn)),
        (nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh)),
-    Op("cat", "pointwise", "split between the inputs", "pointwise", (torch.cat, torch.concat)),
-    Op("reshape", "shape", "reshaped back", "pointwise", _functions(*SHAPE)),
-    Op("adaptive_avg_pool2d", "global", "its transpose (spread over the map)", "global",
+    Op("cat", "pointwise", "split between the inputs", (torch.cat, torch.concat)),
+    Op("reshape", "shape", "reshaped back", _functions(*SHAPE)),
+    Op("adaptive_avg_pool2d", "global", "its transpose (spread over the map)",
        (F.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d), (nn.AdaptiveAvgPool2d,)),
-    Op("adaptive_max_pool2d", "global", "unpooled through the switches", "global",
+    Op("adaptive_max_pool2d", "global", "unpooled through the switches",
        (F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices), (nn.AdaptiveMaxPool2d,)),
-    Op("reduce", "global", "spread evenly over the reduced positions", "global", _functions(*REDUCTIONS)),
-    Op("layer_norm", "global", "its local gradient (pointwise when it normalises channels only)", "global",
-       (F.layer_norm,)),
-    Op("linear", "global", "transposed weights", "global", (F.linear, torch.matmul, torch.Tensor.matmul),
-       (nn.Linear,)),
-    Op("softmax", "global", "its local gradient", "global", _functions("softmax", "log_softmax")),
+    Op("reduce", "global", "spread evenly over the reduced positions", _functions(*REDUCTIONS)),
+    Op("layer_norm", "global", "its local gradient (pointwise when it normalises channels only)", (F.layer_norm,)),
+    Op("linear", "global", "transposed weights", (F.linear, torch.matmul, torch.Tensor.matmul), (nn.Linear,)),
+    Op("softmax", "global", "its local gradient", _functions("softmax", "log_softmax")),
 )
 
 BY_FUNCTION: dict = {function: op for op in OPS for function in op.functions}
@@ -188,12 +187,8 @@ def _hardtanh_limits(function, args, kwargs) -> tuple[float, float]:
     return _argument(args, kwargs, 1, "min_val", -1.0), _argument(args, kwargs, 2, "max_val", 1.0)
 
 
-def rectifier_limit(function, args, kwargs) -> float | None | bool:
-    """For a rectifier call, its upper limit (None for ReLU, 6 for ReLU6, the max of a
-    ``hardtanh(0, max)``); False for any other call."""
-    op = for_call(function, args, kwargs)
-    if op is None or op.kind != "rectifier":
-        return False
+def rectifier_limit(op: Op, function, args, kwargs) -> float | None:
+    """A rectifier call's upper limit: None for ReLU, 6 for ReLU6, the max of a ``hardtanh(0, max)``."""
     return None if op.name == "relu" else float(_hardtanh_limits(function, args, kwargs)[1])
 
 

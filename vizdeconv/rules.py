@@ -54,16 +54,14 @@ class apply_rules(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.rule == "gradient":
             return function(*args, **kwargs)
-        limit = ops.rectifier_limit(function, args, kwargs)
-        if limit is not False:
-            x = args[0] if args else kwargs["input"]
-            y = _Rectifier.apply(x, limit, self.rule)
-            return x.copy_(y) if ops.is_inplace(function, kwargs) else y
         op = ops.for_call(function, args, kwargs)
-        if op is not None and op.kind == "skipped":  # LRN (and dropout, the identity in eval)
-            x = args[0] if args else kwargs["input"]
+        if op is None or op.kind not in ("rectifier", "skipped"):
+            return function(*args, **kwargs)
+        x = args[0] if args else kwargs["input"]
+        if op.kind == "skipped":  # LRN (and dropout, the identity in eval)
             return x + (function(*args, **kwargs) - x).detach()  # the op's value, the identity's backward
-        return function(*args, **kwargs)
+        y = _Rectifier.apply(x, ops.rectifier_limit(op, function, args, kwargs), self.rule)
+        return x.copy_(y) if ops.is_inplace(function, kwargs) else y
 
 
 def check_rule(rule: str) -> None:

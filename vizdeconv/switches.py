@@ -63,14 +63,12 @@ class SwitchRecorder(_Hooks):
     """Record switches below chain step ``index`` and its output whenever the model runs inside ``with``.
 
     Use ``forward()`` to run just the chain up to the layer, or call the model yourself (the
-    whole forward pass, logits included) and read ``recorded``. ``switches=False`` records only
-    the activations (for scans that project later).
+    whole forward pass, logits included) and read ``recorded``.
     """
 
-    def __init__(self, chain: Chain, index: int, *, switches: bool = True) -> None:
+    def __init__(self, chain: Chain, index: int) -> None:
         self.chain = chain
         self.index = index
-        self.switches = switches
         self.recorded = Forward()
         self._steps_of: dict[nn.Module, list[int]] = defaultdict(list)
         self._calls: dict[nn.Module, int] = defaultdict(int)
@@ -95,7 +93,7 @@ class SwitchRecorder(_Hooks):
         if calls >= len(self._steps_of[module]):
             return
         index = self._steps_of[module][calls]
-        if self.switches and isinstance(module, nn.MaxPool2d):
+        if isinstance(module, nn.MaxPool2d):
             _, switches = F.max_pool2d(inputs[0], module.kernel_size, module.stride, module.padding,
                                        module.dilation, ceil_mode=module.ceil_mode, return_indices=True)
             self.recorded.switches[index] = switches
