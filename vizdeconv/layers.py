@@ -14,16 +14,18 @@ import functools
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from vizdeconv import ops
 from vizdeconv.errors import LayerError
 from vizdeconv.graph import Graph, Point, trace
+from vizdeconv.hooks import Hooks
 from vizdeconv.models import LoadedModel
 
 RESERVED_SLUGS = re.compile(r"layer\d+|occlusion|deconv")  # numbered layers' slugs and the jobs' own folders
@@ -85,7 +87,7 @@ def trace_chain(model: LoadedModel) -> Chain:
     return calls.chain(model.input_size)
 
 
-class LeafCalls:
+class LeafCalls(Hooks):
     """While the model runs inside ``with``, record its input and output and every leaf module's call.
 
     ``chain()`` then gives the plain chain: a call joins it when its only input is the very tensor
@@ -99,17 +101,12 @@ class LeafCalls:
         self.calls: list[list] = []
         self.input = self.output = None
 
-    def __enter__(self) -> LeafCalls:
+    def _register(self) -> Iterator[RemovableHandle]:
         leaves = [m for m in self.module.modules() if not any(True for _ in m.children())]
-        self._handles = [self.module.register_forward_pre_hook(self._start),
-                         self.module.register_forward_hook(self._end)]
-        self._handles += [m.register_forward_pre_hook(self._before) for m in leaves]
-        self._handles += [m.register_forward_hook(self._after) for m in leaves]
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
+        yield self.module.register_forward_pre_hook(self._start)
+        yield self.module.register_forward_hook(self._end)
+        yield from (m.register_forward_pre_hook(self._before) for m in leaves)
+        yield from (m.register_forward_hook(self._after) for m in leaves)
 
     def _start(self, module, inputs) -> None:
         self.input, self.calls = inputs[0], []

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vizdeconv.graph import Point
+from vizdeconv.hooks import Hooks
 from vizdeconv.layers import Chain
 
 
@@ -38,28 +39,7 @@ class Forward:
     outputs: list[torch.Tensor] = field(default_factory=list)
 
 
-class _Hooks:
-    """Hooks registered on entering ``with`` and all removed on leaving it, also when registering fails."""
-
-    def _register(self) -> Iterator[RemovableHandle]:
-        raise NotImplementedError
-
-    def __enter__(self):
-        self._handles: list[RemovableHandle] = []
-        try:
-            self._handles.extend(self._register())
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-
-class SwitchRecorder(_Hooks):
+class SwitchRecorder(Hooks):
     """Record switches below chain step ``index`` and its output whenever the model runs inside ``with``.
 
     Use ``forward()`` to run just the chain up to the layer, or call the model yourself (the
@@ -114,7 +94,7 @@ class _Reached(BaseException):  # not an Exception: a model's own ``except Excep
     """Raised by a hook to end a forward pass once the recorded layer has run."""
 
 
-class PointRecorder(_Hooks):
+class PointRecorder(Hooks):
     """Record the output of one module call (a graph point) whenever the model runs inside ``with``.
 
     ``run(images)`` runs the model only as far as the point (a hook ends the pass there); call the
