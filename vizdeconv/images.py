@@ -10,9 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms._presets import ImageClassification
 
-from vizdeconv.errors import ImageError
+from vizdeconv.errors import ImageError, VizDeconvError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold; larger images are refused, not just warned about
@@ -93,39 +96,173 @@ def _to_8bit(image: Image.Image, *, channels: int, background: Sequence[float]) 
 @dataclass
 class Batch:
     """Preprocessed images that loaded, with their paths, in input order; ``done`` counts the files
-    of the whole read consumed so far, those that failed included (for progress)."""
+    of the whole read consumed so far, those that failed included (for progress).
+
+    ``images`` is on the CPU after CPU decoding (pinned when the target device is CUDA), on the
+    device after device decoding (see ``read_batches``)."""
 
     paths: list[Path]
     images: torch.Tensor
     done: int = 0
 
 
+@dataclass
+class _Jpeg:
+    """A JPEG file's bytes (1-D uint8 tensor), left for the device decoder in the main process."""
+
+    data: torch.Tensor
+
+
+def _jpeg_bytes(path: Path) -> torch.Tensor | None:
+    """The file's bytes if the device decoder reads it as ``load_image`` would, else None.
+
+    Only the header is parsed: a JPEG in RGB or grey (the decoder has no CMYK), with no EXIF
+    orientation (the decoder ignores it), within ``MAX_PIXELS``. Its start-of-scan and end-of-image
+    markers must be there too: nvjpeg decodes a file cut short, or one with no scan, into an image,
+    where Pillow refuses it. Every other file takes the CPU path.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            with Image.open(path) as image:
+                if not (image.format == "JPEG" and image.mode in ("RGB", "L")
+                        and image.width * image.height <= MAX_PIXELS
+                        and image.getexif().get(ExifTags.Base.Orientation, 1) == 1):
+                    return None
+        data = path.read_bytes()
+    except Exception:  # whatever it is, the CPU path meets it too and reports it as decode="cpu" does
+        return None
+    whole = b"\xff\xda" in data and data.endswith(b"\xff\xd9")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if whole else None
+
+
 class _Files(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[Path], preprocess: Callable, channels: int, background: Sequence[float]):
+    """The files of a read, decoded and preprocessed on the CPU; with ``raw_jpegs``, the JPEGs that
+    the device decoder can take come out as ``_Jpeg`` instead."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Callable, channels: int, background: Sequence[float],
+                 raw_jpegs: bool = False):
         self.paths, self.preprocess, self.channels, self.background = paths, preprocess, channels, background
+        self.raw_jpegs = raw_jpegs
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Path, torch.Tensor | ImageError]:
+    def __getitem__(self, index: int) -> tuple[Path, torch.Tensor | ImageError | _Jpeg]:
         path = self.paths[index]
+        data = _jpeg_bytes(path) if self.raw_jpegs else None
+        return path, self.read(path) if data is None else _Jpeg(data)
+
+    def read(self, path: Path) -> torch.Tensor | ImageError:
+        """The CPU path: the preprocessed image, or why the file failed."""
         try:
-            return path, self.preprocess(load_image(path, channels=self.channels, background=self.background))
+            return self.preprocess(load_image(path, channels=self.channels, background=self.background))
         except ImageError as error:
-            return path, error
+            return error
+
+
+def _stack(items: Sequence[tuple[Path, torch.Tensor | ImageError]],
+           ) -> tuple[list[ImageError], list[Path], torch.Tensor | None]:
+    """The failures, then the paths and images that loaded, in order, the images in one tensor.
+
+    As the DataLoader's ``collate_fn`` this runs in the worker, so that ``pin_memory`` pins each
+    batch as a whole, ready for one non-blocking copy to the GPU (pinning each image is wasted on
+    the ``torch.stack`` that copies them after).
+    """
+    errors = [item for _, item in items if isinstance(item, ImageError)]
+    good = [(path, item) for path, item in items if not isinstance(item, ImageError)]
+    return errors, [path for path, _ in good], torch.stack([image for _, image in good]) if good else None
+
+
+def tensor_preprocess(preprocess: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's preprocessing for a decoded uint8 ``(C, H, W)`` tensor, on whatever device it is.
+
+    A ``transforms.Compose`` of Grayscale, Resize, CenterCrop, ToTensor and Normalize runs the same
+    steps on tensors, ``ToTensor`` (PIL only) becoming ``ConvertImageDtype``; torchvision's
+    ``ImageClassification`` presets (its models' ``weights.transforms()``) take tensors as they are.
+
+    Raises:
+        VizDeconvError: any other preprocessing (timm's, a user's own), which may need PIL images.
+    """
+    if isinstance(preprocess, ImageClassification):
+        return preprocess
+    steps = preprocess.transforms if isinstance(preprocess, transforms.Compose) else [preprocess]
+    known = (transforms.Grayscale, transforms.Resize, transforms.CenterCrop, transforms.ToTensor, transforms.Normalize)
+    unknown = [type(step).__name__ for step in steps if not isinstance(step, known)]
+    if unknown:
+        raise VizDeconvError(f"the model's preprocessing ({', '.join(unknown)}) cannot run on tensors, so --decode "
+                             "gpu is unavailable for it; use --decode cpu")
+    return transforms.Compose([transforms.ConvertImageDtype(torch.float32) if isinstance(step, transforms.ToTensor)
+                               else step for step in steps])
+
+
+class _DeviceDecoder:
+    """Turns the DataLoader's items, raw JPEGs among them, into ``_stack``'s batch on ``device``."""
+
+    def __init__(self, files: _Files, device: torch.device):
+        self.files, self.device = files, device
+        self.preprocess = tensor_preprocess(files.preprocess)
+        self.mode = ImageReadMode.RGB if files.channels == 3 else ImageReadMode.GRAY
+
+    def __call__(self, items: Sequence[tuple[Path, torch.Tensor | ImageError | _Jpeg]],
+                 ) -> tuple[list[ImageError], list[Path], torch.Tensor | None]:
+        items = list(items)
+        jpegs = [i for i, (_, item) in enumerate(items) if isinstance(item, _Jpeg)]
+        for i, image in zip(jpegs, self.decode([items[i][1].data for i in jpegs])):
+            path = items[i][0]
+            # A file the device decoder refuses gets the CPU path's result: the image, or the same ImageError.
+            items[i] = path, self.files.read(path) if image is None else self.preprocess(image)
+        return _stack([(path, item.to(self.device, non_blocking=True) if isinstance(item, torch.Tensor) else item)
+                       for path, item in items])
+
+    def decode(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The decoded uint8 images on the device, None for each file the decoder refuses.
+
+        One batched call first (nvjpeg decodes a batch at once); it fails as a whole when one
+        file is bad, so then one call a file finds which.
+        """
+        if not jpegs:
+            return []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 defers to TorchCodec
+            try:
+                return decode_jpeg(jpegs, mode=self.mode, device=self.device)
+            except RuntimeError:
+                return [self._decode_one(data) for data in jpegs]
+
+    def _decode_one(self, data: torch.Tensor) -> torch.Tensor | None:
+        try:
+            return decode_jpeg(data, mode=self.mode, device=self.device)
+        except RuntimeError:
+            return None
 
 
 def read_batches(paths: Sequence[Path], *, preprocess: Callable[[Image.Image], torch.Tensor], channels: int,
-                 background: Sequence[float], batch_size: int = 32, workers: int = 0) -> Iterator[Batch | ImageError]:
+                 background: Sequence[float], batch_size: int = 32, workers: int = 0, decode: str = "cpu",
+                 device: torch.device | None = None) -> Iterator[Batch | ImageError]:
     """Load, preprocess and batch image files, in order; a file that fails comes out as its ``ImageError``.
 
-    ``workers`` > 0 decodes in that many background processes (torch's DataLoader).
+    ``workers`` > 0 reads in that many background processes (torch's DataLoader).
+
+    ``decode="cpu"`` decodes and preprocesses with Pillow; batches stay on the CPU, pinned when
+    ``device`` is CUDA so that the caller's ``.to(device, non_blocking=True)`` overlaps. ``decode="gpu"``
+    keeps the CPU workers to reading: the JPEGs that the device decoder reads as Pillow would are
+    decoded together by one ``decode_jpeg`` call per batch on ``device`` and preprocessed there; the
+    other files take the CPU path, with the same failures. Batches are then on ``device`` (on a CPU
+    device, torchvision's CPU decoder runs, through the same code).
+
+    Raises:
+        VizDeconvError: an unknown ``decode``; ``decode="gpu"`` with preprocessing that cannot run on tensors.
     """
-    loader = torch.utils.data.DataLoader(_Files(list(paths), preprocess, channels, background), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=list)
+    if decode not in ("cpu", "gpu"):
+        raise VizDeconvError(f"unknown decode {decode!r}; expected cpu or gpu")
+    device = torch.device(device or "cpu")
+    files = _Files(list(paths), preprocess, channels, background, raw_jpegs=decode == "gpu")
+    decoder = _DeviceDecoder(files, device) if decode == "gpu" else None
+    loader = torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=list if decoder else _stack, pin_memory=device.type == "cuda")
     for items in loader:
-        errors = [item for _, item in items if isinstance(item, ImageError)]
-        good = [(path, item) for path, item in items if not isinstance(item, ImageError)]
+        errors, found, images = decoder(items) if decoder else items
         yield from errors
-        if good:
-            yield Batch([path for path, _ in good], torch.stack([tensor for _, tensor in good]))
+        if found:
+            yield Batch(found, images)

@@ -114,18 +114,23 @@ class LoadedModel:
                    tuple(categories))
 
     def read(self, paths: Sequence[Path], failures: list[ImageError], *, batch_size: int = 32,
-             workers: int = 0) -> Iterator[Batch]:
+             workers: int = 0, decode: str = "cpu") -> Iterator[Batch]:
         """Preprocessed batches of the files that load, in order; each file that fails goes to ``failures``.
+
+        ``decode="gpu"`` decodes JPEGs on the model's device and its batches are there; with ``"cpu"``
+        they are on the CPU, pinned for a non-blocking copy when the model is on CUDA (``read_batches``).
 
         Raises:
             ModelError: the model takes other than 1 (grey) or 3 (RGB) input channels.
+            VizDeconvError: ``decode="gpu"`` with preprocessing that cannot run on tensors (timm's, say).
         """
         if self.input_size[0] not in (1, 3):
             raise ModelError(f"{self.name} takes {self.input_size[0]} input channels; image files are read as grey "
                              "(1) or RGB (3)")
         done = 0
         for batch in read_batches(paths, preprocess=self.preprocess, channels=self.input_size[0],
-                                  background=self.mean, batch_size=batch_size, workers=workers):
+                                  background=self.mean, batch_size=batch_size, workers=workers, decode=decode,
+                                  device=self.device):
             if isinstance(batch, ImageError):
                 failures.append(batch)
                 done += 1
