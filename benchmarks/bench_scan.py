@@ -31,7 +31,7 @@ from vizdeconv.images import find_images
 from vizdeconv.jobs.project import ProjectJob
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel, load_model
-from vizdeconv.topk import TopK, scan
+from vizdeconv.topk import TopK, chunk_count, scan
 
 PHOTOS = Path(__file__).resolve().parent.parent / "sample_images" / "photos"
 FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
@@ -52,9 +52,9 @@ def make_folder(folder: Path, count: int, sources: list[Path], size: int | None)
     return find_images([folder])[0]
 
 
-def random_alexnet() -> LoadedModel:
+def random_alexnet(device: str = "cpu") -> LoadedModel:
     torch.manual_seed(0)
-    return LoadedModel.from_module(torchvision.models.alexnet(), 224, name="alexnet", device="cpu")
+    return LoadedModel.from_module(torchvision.models.alexnet(), 224, name="alexnet", device=device)
 
 
 def deconvnet_at(model: LoadedModel, spec) -> Deconvnet:
@@ -74,7 +74,8 @@ def scan_rates(deconvnet: Deconvnet, paths: list[Path], batch_size: int, workers
 
     def scanned():
         top = TopK(range(layer.output_shape[0]), 9, model.device)
-        for _ in scan(deconvnet, paths, top, [], batch_size=batch_size, workers=workers):
+        for _ in scan(model, [layer], [top], paths, range(chunk_count(len(paths))), [], batch_size=batch_size,
+                      workers=workers):
             pass
 
     timings = {"plain": [], "scan": []}
@@ -96,7 +97,7 @@ def throughput(model: LoadedModel, paths: list[Path], batch_size: int, workers: 
     with tempfile.TemporaryDirectory() as out:
         job = ProjectJob(model, 5, channels="0-15", out=out, batch_size=batch_size, workers=workers)
         start = time.perf_counter()
-        done = job.run(paths)
+        (done,) = job.run(paths)
         seconds = time.perf_counter() - start
     channels = sum(1 for found in done.hits.values() if found)
     beyond_scan = seconds - len(paths) / scan_rate
@@ -109,7 +110,7 @@ def peak_memory_child(folder: str) -> None:
     deconvnet = deconvnet_at(model, 5)
     paths = find_images([folder])[0]
     top = TopK(range(deconvnet.layer.output_shape[0]), 9, model.device)
-    for _ in scan(deconvnet, paths, top, [], batch_size=64):
+    for _ in scan(model, [deconvnet.layer], [top], paths, range(chunk_count(len(paths))), [], batch_size=64):
         pass
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 

@@ -45,3 +45,28 @@ def test_project_command_end_to_end(folder):
     page = (out / "index.html").read_text()
     assert 'href="#layer1/0"' in page and 'src="layer2/ch003.png"' in page
     assert "guided rule" in page and "deconvnet rule" in page
+
+
+def test_several_layers_and_an_image_list(folder):
+    """--layer 1-2 scans both layers in one pass; --images-from reads a list relative to its own folder."""
+    listed = sorted(p.name for p in (folder / "a").iterdir())[:6]
+    (folder / "a" / "list.txt").write_text("# six samples and a missing file\n\n" + "\n".join(listed) + "\nnot-there.png\n")
+    out = folder / "out"
+    result = CliRunner().invoke(main, ["project", "--layer", "1-2", "--images-from", str(folder / "a" / "list.txt"),
+                                       "--channels", "0-1", "--top", "2", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 1 and "not-there.png: no such file or folder" in result.stderr
+    assert result.stdout.count("channels fired, top 2 over 6 images") == 2
+    for layer in ("layer1", "layer2"):
+        hits = [hit for c in json.loads((out / layer / "index.json").read_text())["channels"] for hit in c["hits"]]
+        assert hits and {Path(hit["image"]).name for hit in hits} <= set(listed)
+
+
+def test_a_changed_rerun_of_an_interrupted_scan_is_a_one_line_usage_error(folder):
+    state = folder / "out" / ".scan" / "layer2" / "rank0.safetensors"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"torn")
+    arguments = ["project", "--layer", "2", "--images", str(folder / "a"), "--channels", "0", "--out", str(folder / "out")]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2 and "unreadable scan checkpoint" in result.stderr and "--restart" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert CliRunner().invoke(main, [*arguments, "--restart"]).exit_code == 0 and not state.exists()

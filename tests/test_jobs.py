@@ -30,7 +30,7 @@ def images(tmp_path):
 
 
 def test_project_job_reports_what_it_wrote(embedded, images, tmp_path):
-    done = ProjectJob(embedded, 2, k=3, channels="0-5", out=tmp_path / "out").run([images])
+    (done,) = ProjectJob(embedded, 2, k=3, channels="0-5", out=tmp_path / "out").run([images])
     assert done.folder == tmp_path / "out" / "layer2" and done.scanned == 4 and not done.failures
     assert sorted(done.hits) == list(range(6))
     index = json.loads((done.folder / "index.json").read_text())
@@ -52,7 +52,7 @@ def test_a_file_that_breaks_between_scan_and_projection_is_a_failure_not_a_crash
         if stage.startswith("projecting") and done == 0:
             victim.write_bytes(b"no longer a png")
 
-    done = job.run([images], progress=progress)
+    (done,) = job.run([images], progress=progress)
     assert [failure.path for failure in done.failures] == [victim] and done.scanned == 4
     assert all(hit.image != victim for hits in done.hits.values() for hit in hits)
     assert any(done.hits.values())
@@ -128,9 +128,9 @@ def test_a_run_where_every_file_fails_still_writes_an_empty_summary(embedded, tm
 
 def test_a_rerun_leaves_no_figures_of_the_channels_it_no_longer_covers(embedded, images, tmp_path):
     out = tmp_path / "out"
-    wide = ProjectJob(embedded, 2, k=2, channels="0-5", out=out).run([images])
+    (wide,) = ProjectJob(embedded, 2, k=2, channels="0-5", out=out).run([images])
     assert len(list(wide.folder.glob("ch*.png"))) > 2
-    narrow = ProjectJob(embedded, 2, k=2, channels="4-5", out=out).run([images])
+    (narrow,) = ProjectJob(embedded, 2, k=2, channels="4-5", out=out).run([images])
     assert sorted(p.name for p in narrow.folder.glob("ch*.png")) == [
         f"ch{c:03d}.png" for c, hits in sorted(narrow.hits.items()) if hits]
     DeconvJob(embedded, 5, top=3, out=out).run([images / FEW[0]])

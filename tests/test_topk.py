@@ -14,7 +14,7 @@ from vizdeconv.deconvnet import Deconvnet
 from vizdeconv.errors import LayerError
 from vizdeconv.images import find_images, load_image
 from vizdeconv.layers import trace_layers
-from vizdeconv.topk import TopK, hits, parse_channels, project_hits, scan
+from vizdeconv.topk import TopK, chunk_count, hits, parse_channels, project_hits, scan
 
 FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
 
@@ -54,7 +54,8 @@ def run_scan(deconvnet, paths, k=9, batch_size=4, workers=0, channels=None):
     channels = list(range(layer.output_shape[0])) if channels is None else channels
     top = TopK(channels, k, model.device)
     failures = []
-    done = list(scan(deconvnet, paths, top, failures, batch_size=batch_size, workers=workers))
+    done = list(scan(model, [layer], [top], paths, range(chunk_count(len(paths))), failures, batch_size=batch_size,
+                     workers=workers))
     return hits(top, layer, paths, model.input_size), done, failures
 
 
@@ -74,7 +75,7 @@ def test_scan_equals_brute_force(embedded, folder, spec):
     assert (layer.chain_index is None) == (spec == "features")
     paths, _ = find_images([folder])
     found, done, failures = run_scan(deconvnet, paths)
-    assert done[-1] == len(paths) == 41 and done == sorted(done) and not failures
+    assert done[-1] == chunk_count(len(paths)) == 3 and done == sorted(done) and not failures  # 41 files
     expected = brute_force(embedded, deconvnet.layers, layer, paths, 9)
     got = as_tuples(found)
     assert got.keys() == expected.keys()
@@ -105,7 +106,7 @@ def test_memory_is_bounded_by_channels_times_k(embedded, folder):
     deconvnet = deconvnet_for(embedded, 1)
     paths, _ = find_images([folder])
     top = TopK([0, 5], 3, embedded.device)
-    for _ in scan(deconvnet, paths, top, [], batch_size=8):
+    for _ in scan(embedded, [deconvnet.layer], [top], paths, range(chunk_count(len(paths))), [], batch_size=8):
         assert top.values.shape[0] == 2 and top.values.shape[1] <= 3
 
 
@@ -114,7 +115,7 @@ def test_broken_files_are_reported_and_skipped(embedded, folder):
     deconvnet = deconvnet_for(embedded, 1)
     paths, _ = find_images([folder])
     found, done, errors = run_scan(deconvnet, paths, channels=[0])
-    assert len(errors) == 1 and errors[0].path.name == "broken.png" and done[-1] == len(paths)
+    assert len(errors) == 1 and errors[0].path.name == "broken.png" and done[-1] == chunk_count(len(paths))
     assert all(h.image.name != "broken.png" for h in found[0])
 
 
@@ -127,7 +128,7 @@ def test_projections_of_hits_match_the_oracle(embedded, spec, rule):
     paths, _ = find_images([FASHION])
     found, _, _ = run_scan(deconvnet, paths, k=2, channels=[3, 10])
     projected = []
-    for result in project_hits(deconvnet, found, [], batch_size=3):
+    for _, result in project_hits([deconvnet], [found], [], batch_size=3):
         for projection in result.projections:
             hit = projection.hit
             assert hit.image == result.path

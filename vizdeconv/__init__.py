@@ -5,7 +5,7 @@ Notebook use: the commands as jobs (each writes its figures under ``out`` and re
 
     import vizdeconv as vd
     model = vd.load_model("efficientnet_lite0")   # or "embedded", "resnet50", "timm:NAME", vd.LoadedModel.from_module(…)
-    top = vd.ProjectJob(model, "_blocks.9", channels="0-7", k=4).run(["photos/"])
+    (top,) = vd.ProjectJob(model, "_blocks.9", channels="0-7", k=4).run(["photos/"])  # one report per layer
     maps = vd.OcclusionJob(model, size=32, stride=16).run(["photos/cat.jpg"])
 
 and the deconvnet itself on a preprocessed ``(N, C, H, W)`` batch::

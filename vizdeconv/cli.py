@@ -26,8 +26,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from vizdeconv import ops
+from vizdeconv import distributed, ops
 from vizdeconv.errors import ImageError, VizDeconvError
+from vizdeconv.jobs import no_progress, read_list
 from vizdeconv.jobs.deconv import DeconvJob
 from vizdeconv.jobs.occlude import OcclusionJob
 from vizdeconv.jobs.predict import PredictJob
@@ -116,7 +117,10 @@ class RateColumn(ProgressColumn):
 
 @contextlib.contextmanager
 def progress_bars() -> Iterator[Callable[[str, int, int | None], None]]:
-    """A job's ``progress(stage, done, total)`` drawn as one rich bar per stage on stderr."""
+    """A job's ``progress(stage, done, total)`` drawn as one rich bar per stage on stderr (rank 0's under torchrun)."""
+    if not distributed.current().main:
+        yield no_progress
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
                   TimeRemainingColumn(), console=err, transient=True) as bars:
         tasks = {}
@@ -129,7 +133,15 @@ def progress_bars() -> Iterator[Callable[[str, int, int | None], None]]:
         yield update
 
 
+def _say(text: str) -> None:
+    """A result line on stdout; under torchrun only rank 0 speaks for the job."""
+    if distributed.current().main:
+        out.print(text)
+
+
 def _finish(done: int, failures: list[ImageError], what: str, out_dir: Path | None = None) -> None:
+    if not distributed.current().main:
+        raise SystemExit(1 if failures else 0)
     for failure in failures:
         err.print(f"[red]failed:[/] {escape(str(failure))}")
     err.print(f"{done} {what}, {len(failures)} failed" + (f"; browse {escape(str(out_dir / PAGE))}" if out_dir else ""))
@@ -139,8 +151,13 @@ def _finish(done: int, failures: list[ImageError], what: str, out_dir: Path | No
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vizdeconv")
-def main() -> None:
+@click.pass_context
+def main(context: click.Context) -> None:
     """See what a convnet has learned (Zeiler & Fergus 2014): deconvnet projections and more."""
+    try:
+        context.with_resource(distributed.from_environment())  # under torchrun: join its process group
+    except VizDeconvError as error:
+        raise UsageFailure(str(error)) from None
 
 
 def images_command(name: str) -> Callable:
@@ -229,26 +246,41 @@ def deconv(model: LoadedModel, paths: tuple[str, ...], batch_size: int, layer_sp
 @main.command("project")
 @model_options
 @batch_size_option
-@layer_option(required=True)
+@click.option("--layer", "layer_spec", required=True,
+              help="Layer number (paper numbering), module name (layer3) or one call of a module (relu@2); "
+                   "several in one pass: 1-5 or 1,3,layer4.")
 @rule_option
 @click.option("--images", "folders", multiple=True, help="Image folder or file (repeatable). Default for the "
               "embedded model: its shipped Fashion-MNIST samples.")
+@click.option("--images-from", "lists", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="A text file of image paths, one per line (relative ones from the file's folder; # comments).")
 @click.option("--top", default=9, show_default=True, type=click.IntRange(min=1), help="Activations per channel.")
 @click.option("--channels", "channel_spec", default="all", show_default=True, help="all, or e.g. 0-15,32.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="Processes decoding images during the scan.")
+@click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="gpu: decode JPEGs in batches on the model's device (other files on the CPU).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), metavar="IMAGES",
+              help="Save the scan's state every this many images [default: every 3 minutes].")
+@click.option("--restart", is_flag=True, help="Discard an interrupted scan's checkpoint made with other settings.")
 @out_option
 def project_command(model: LoadedModel, batch_size: int, layer_spec: str, rule: str, folders: tuple[str, ...],
-                    top: int, channel_spec: str, workers: int, out_dir: Path) -> None:
-    """Top-k grids (paper Fig. 2): each channel's strongest activations over a folder, projected."""
-    job = ProjectJob(model, layer_spec, k=top, channels=channel_spec, rule=rule, out=out_dir,
-                     batch_size=batch_size, workers=workers)
+                    lists: tuple[Path, ...], top: int, channel_spec: str, workers: int, decode: str,
+                    checkpoint_every: int | None, restart: bool, out_dir: Path) -> None:
+    """Top-k grids (paper Fig. 2): each channel's strongest activations over a folder, projected.
+
+    Resumes an interrupted scan; under torchrun the ranks share the work (see the README).
+    """
+    job = ProjectJob(model, layer_spec, k=top, channels=channel_spec, rule=rule, out=out_dir, batch_size=batch_size,
+                     workers=workers, decode=decode, checkpoint_every=checkpoint_every, restart=restart)
+    paths = [*folders, *(path for listed in lists for path in read_list(listed))]
     with progress_bars() as bars:
-        done = job.run(folders or default_images(model), progress=bars)
-    shown = sum(1 for channel_hits in done.hits.values() if channel_hits)
-    out.print(f"{escape(done.layer.label)}: {shown} of {len(job.channels)} channels fired, top {top} over "
-              f"{done.scanned} images → {escape(str(done.folder))}/ (ch*.png, overview.png, index.json)")
-    _finish(done.scanned, done.failures, "images scanned", out_dir)
+        reports = job.run(paths or default_images(model), progress=bars)
+    for done, channels in zip(reports, job.channels):
+        shown = sum(1 for channel_hits in done.hits.values() if channel_hits)
+        _say(f"{escape(done.layer.label)}: {shown} of {len(channels)} channels fired, top {top} over "
+             f"{done.scanned} images → {escape(str(done.folder))}/ (ch*.png, overview.png, index.json)")
+    _finish(reports[0].scanned, reports[0].failures, "images scanned", out_dir)
 
 
 @images_command("occlude")
@@ -274,15 +306,15 @@ def occlude_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int,
     with progress_bars() as bars:
         done = job.run(paths, progress=bars)
     resumed = sum(result.resumed for result in done.results)
-    if resumed:
+    if resumed and distributed.current().main:
         err.print(f"{resumed} images already done in {escape(str(done.folder))}, skipped")
     for result in done.results:
         if result.resumed:
             continue
         row = job.summary_row(result)
-        out.print(f"{escape(str(result.image))}: {escape(row['target_name'])} p={float(row['prob_clean']):.3f}, lowest "
-                  f"{float(row['prob_min']):.3f} with the square at ({row['prob_min_y']}, {row['prob_min_x']})"
-                  + (f", often {escape(row['other_name'])}" if row["other_name"] else ""))
+        _say(f"{escape(str(result.image))}: {escape(row['target_name'])} p={float(row['prob_clean']):.3f}, lowest "
+             f"{float(row['prob_min']):.3f} with the square at ({row['prob_min_y']}, {row['prob_min_x']})"
+             + (f", often {escape(row['other_name'])}" if row["other_name"] else ""))
     _finish(len(done.results), done.failures, f"images with occlusion maps in {escape(str(done.folder))}", out_dir)
 
 

@@ -251,6 +251,19 @@ class Layers:
         point = self.graph.point(spec)
         return next((layer for layer in numbered if layer.point == point), None) or self._layer(point)
 
+    def select(self, spec: int | str | Sequence[int | str]) -> list[Layer]:
+        """Several layers, each once, in graph order: ``1-5``, ``1,3,layer4.1``, or a list of ``layer`` specs."""
+        parts = [str(part) for part in spec] if isinstance(spec, (list, tuple)) else str(spec).split(",")
+        chosen: list[Layer] = []
+        for part in map(str.strip, parts):
+            first, dash, last = part.partition("-")
+            if dash and first.isdigit() and last.isdigit():
+                chosen.extend(self.layer(number) for number in range(int(first), int(last) + 1))
+            else:
+                chosen.append(self.layer(part))
+        unique = {layer.point: layer for layer in chosen}
+        return sorted(unique.values(), key=lambda layer: self.graph.points.index(layer.point))
+
     def walks(self, layer: Layer) -> bool:
         """Whether the chain walk reaches ``layer`` (else projections go through autograd with rules)."""
         return layer.chain_index is not None and self.chain.walkable(layer.chain_index)

@@ -6,8 +6,9 @@ forward pass raises; the model itself is never modified.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -136,3 +137,11 @@ class PointRecorder(Hooks):
         finally:
             self._stop = False
         return self.output
+
+
+def record_points(module: nn.Module, points: Sequence[Point], images: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of several points (in graph order) for one batch, in one pass that stops after the last."""
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        recorders = [stack.enter_context(PointRecorder(module, point)) for point in points]
+        recorders[-1].run(images)
+        return [recorder.output for recorder in recorders]

@@ -3,11 +3,13 @@
 The scan keeps, per channel, the k strongest activations taking one maximum per image, so the k
 come from k different images. It reduces each batch on the device as it goes: memory is
 O(channels × k) whatever the folder size. Ties break by image path, then position (the first
-maximum in row-major order), so the result does not depend on batch size, workers or file order.
+maximum in row-major order), so the result does not depend on batch size, workers, file order, where
+a resumed scan restarted, or how many ranks shared it.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,15 +19,22 @@ import torch
 from vizdeconv.deconvnet import Deconvnet, ImageProjections
 from vizdeconv.errors import ImageError, LayerError
 from vizdeconv.layers import Hit, Layer
+from vizdeconv.models import LoadedModel
+from vizdeconv.switches import record_points
 
 # Conv kernels choose their algorithm by batch size, so an activation can differ in its last bits
-# between batch sizes; the scan always runs chunks of this many images (the last one zero-padded)
-# so that rankings, and ties, are identical for any --batch-size or --workers.
+# between batch sizes; the scan always runs chunks of this many consecutive files (the images that
+# load, zero-padded to this many), so that rankings, and ties, are identical for any --batch-size,
+# --workers, resume point or number of ranks.
 SCAN_CHUNK = 16
 
 
 class TopK:
-    """Running top-k of per-image channel maxima, on the device; ``update`` once per batch."""
+    """Running top-k of per-image channel maxima, on the device; ``update`` once per chunk.
+
+    Each kept activation is a column of ``values``, ``ranks`` (the image's place in the sorted
+    file list) and ``places`` (its row-major position in the map).
+    """
 
     def __init__(self, channels: Sequence[int], k: int, device: torch.device) -> None:
         self.channels = torch.tensor(list(channels), device=device)
@@ -37,13 +46,26 @@ class TopK:
     def update(self, activations: torch.Tensor, ranks: torch.Tensor) -> None:
         """Fold in ``(B, K, h, w)`` activations of images whose global ranks (path order) are ``ranks``."""
         maxima, places = activations[:, self.channels].flatten(2).max(2)  # first maximum on ties
-        values = torch.cat([self.values, maxima.T], dim=1)
-        ranks = torch.cat([self.ranks, ranks.to(values.device)[None].expand(len(self.channels), -1)], dim=1)
-        places = torch.cat([self.places, places.T], dim=1)
+        self.fold(maxima.T, ranks.to(maxima.device)[None].expand(len(self.channels), -1), places.T)
+
+    def fold(self, values: torch.Tensor, ranks: torch.Tensor, places: torch.Tensor) -> None:
+        """Keep the k best of the kept columns and these: highest value, then lowest rank.
+
+        Exact whatever order columns come in, so ranks that scanned different chunks merge into
+        the single-process answer.
+        """
+        device = self.values.device
+        values = torch.cat([self.values, values.to(device)], dim=1)
+        ranks = torch.cat([self.ranks, ranks.to(device)], dim=1)
+        places = torch.cat([self.places, places.to(device)], dim=1)
         # Sort by rank, then stably by value (descending): equal values keep path order.
         order = ranks.argsort(dim=1, stable=True)
         order = order.gather(1, values.gather(1, order).argsort(dim=1, descending=True, stable=True))[:, : self.k]
         self.values, self.ranks, self.places = values.gather(1, order), ranks.gather(1, order), places.gather(1, order)
+
+    def columns(self) -> dict[str, torch.Tensor]:
+        """The kept columns on the CPU (to save, or to send to another rank)."""
+        return {"values": self.values.cpu(), "ranks": self.ranks.cpu(), "places": self.places.cpu()}
 
 
 def parse_channels(spec: str, count: int) -> list[int]:
@@ -63,22 +85,34 @@ def parse_channels(spec: str, count: int) -> list[int]:
     return sorted(chosen)
 
 
-def scan(deconvnet: Deconvnet, paths: Sequence[Path], top: TopK, failures: list[ImageError], *,
-         batch_size: int = 32, workers: int = 0) -> Iterator[int]:
-    """Run the images through the model up to the deconvnet's layer, folding each batch into ``top``.
+def chunk_count(files: int) -> int:
+    """How many ``SCAN_CHUNK``-file chunks a sorted list of ``files`` files makes (the last may be short)."""
+    return math.ceil(files / SCAN_CHUNK)
 
-    ``paths`` must be in the order that breaks ties (``find_images`` sorts them). Files that fail
-    go to ``failures``. Yields how many files are done (read or failed) after each batch.
+
+def scan(model: LoadedModel, layers: Sequence[Layer], tops: Sequence[TopK], paths: Sequence[Path],
+         chunks: Sequence[int], failures: list[ImageError], *, batch_size: int = 32, workers: int = 0,
+         decode: str = "cpu") -> Iterator[int]:
+    """Run the files of ``chunks`` through the model, folding each layer's activations into its ``top``.
+
+    Chunk ``c`` is files ``c·SCAN_CHUNK`` to ``(c+1)·SCAN_CHUNK`` of ``paths``, which must be in
+    the order that breaks ties (``find_images`` sorts them). One pass per chunk records every
+    layer (in graph order) and stops at the last. Files that fail go to ``failures``. Yields how
+    many of ``chunks`` are done after each batch (batches hold whole chunks).
     """
-    model = deconvnet.model
+    files = [path for chunk in chunks for path in paths[chunk * SCAN_CHUNK:(chunk + 1) * SCAN_CHUNK]]
     rank = {path: i for i, path in enumerate(paths)}
-    for batch in model.read(paths, failures, batch_size=batch_size, workers=workers):
-        ranks = torch.tensor([rank[p] for p in batch.paths])
-        for images, chunk_ranks in zip(batch.images.split(SCAN_CHUNK), ranks.split(SCAN_CHUNK)):
-            padded = torch.cat([images, images.new_zeros(SCAN_CHUNK - len(images), *images.shape[1:])])
-            activations = deconvnet.activations(padded.to(model.device, non_blocking=True))
-            top.update(activations[: len(images)], chunk_ranks)
-        yield batch.done
+    points = [layer.point for layer in layers]
+    per_read = chunk_count(batch_size) * SCAN_CHUNK
+    for batch in model.read(files, failures, batch_size=per_read, workers=workers, decode=decode):
+        images = batch.images.to(model.device, non_blocking=True)  # one copy per batch; chunks are cut there
+        ranks = torch.tensor([rank[path] for path in batch.paths])
+        _, sizes = torch.unique_consecutive(ranks // SCAN_CHUNK, return_counts=True)
+        for chunk, chunk_ranks in zip(images.split(sizes.tolist()), ranks.split(sizes.tolist())):
+            padded = torch.cat([chunk, chunk.new_zeros(SCAN_CHUNK - len(chunk), *chunk.shape[1:])])
+            for top, activations in zip(tops, record_points(model.module, points, padded)):
+                top.update(activations[: len(chunk)], chunk_ranks)
+        yield chunk_count(batch.done)
 
 
 def hits(top: TopK, layer: Layer, paths: Sequence[Path], input_size: tuple[int, int, int]) -> dict[int, list[Hit]]:
@@ -97,19 +131,25 @@ def hits(top: TopK, layer: Layer, paths: Sequence[Path], input_size: tuple[int, 
     return result
 
 
-def project_hits(deconvnet: Deconvnet, found: dict[int, list[Hit]], failures: list[ImageError], *,
-                 batch_size: int = 32) -> Iterator[ImageProjections]:
-    """Project every hit, one forward pass per image, images in path order.
+def project_hits(deconvnets: Sequence[Deconvnet], found: Sequence[dict[int, list[Hit]]], failures: list[ImageError],
+                 *, batch_size: int = 32) -> Iterator[tuple[int, ImageProjections]]:
+    """Project the hits ``found[i]`` (channel → hits) through ``deconvnets[i]``, reading each image once.
 
-    Images are read again (nothing was kept by the scan); one that no longer loads goes to ``failures``.
+    Yields ``(i, one image's projections at layer i)``, images in path order. Images are read
+    again (the scan kept none); one that no longer loads goes to ``failures``.
     """
-    model = deconvnet.model
-    wanted: dict[Path, list[Hit]] = defaultdict(list)
-    for channel_hits in found.values():
-        for hit in channel_hits:
-            wanted[hit.image].append(hit)
+    model = deconvnets[0].model
+    wanted: dict[Path, dict[int, list[Hit]]] = defaultdict(lambda: defaultdict(list))
+    for i, layer_found in enumerate(found):
+        for channel_hits in layer_found.values():
+            for hit in channel_hits:
+                wanted[hit.image][i].append(hit)
     for batch in model.read(sorted(wanted), failures, batch_size=batch_size):
-        forward = deconvnet.forward(batch.images.to(model.device))
-        projected = deconvnet.project_hits(forward, [wanted[path] for path in batch.paths])
-        for path, image, projections in zip(batch.paths, batch.images, projected):
-            yield ImageProjections(path, image, projections)
+        for i, deconvnet in enumerate(deconvnets):
+            here = [n for n, path in enumerate(batch.paths) if i in wanted[path]]
+            if not here:
+                continue
+            forward = deconvnet.forward(batch.images[here].to(model.device))
+            projected = deconvnet.project_hits(forward, [wanted[batch.paths[n]][i] for n in here])
+            for n, projections in zip(here, projected):
+                yield i, ImageProjections(batch.paths[n], batch.images[n].cpu(), projections)

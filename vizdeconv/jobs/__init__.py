@@ -7,7 +7,7 @@ benchmarks use the same jobs::
 
     import vizdeconv as vd
     model = vd.load_model("efficientnet_lite0")
-    report = vd.ProjectJob(model, "_blocks.9", channels="0-7", k=4).run(["photos/"])
+    (report,) = vd.ProjectJob(model, "_blocks.9", channels="0-7", k=4).run(["photos/"])  # one per layer
     report.hits[3]        # channel 3's top activations, strongest first
     report.folder         # OUT/_blocks_9 with ch003.png, overview.png, index.json
 """
@@ -47,6 +47,26 @@ def find_outputs(paths: Iterable[str | os.PathLike], folder: Path
     """``find_inputs``, and each image's own output folder under ``folder`` (``outputs.output_names``)."""
     images, failures = find_inputs(paths)
     return images, failures, {path: folder / name for path, name in output_names(images).items()}
+
+
+def unique_failures(failures: Iterable[ImageError]) -> list[ImageError]:
+    """One failure per file, in path order: what ranks report together (each may have failed on the same file)."""
+    return sorted({str(f.path): f for f in failures}.values(), key=lambda f: str(f.path))
+
+
+def read_list(path: Path) -> list[Path]:
+    """The image paths in a text file, one per line; relative ones are taken from the file's folder.
+
+    Blank lines and lines starting with ``#`` are skipped.
+
+    Raises:
+        VizDeconvError: the file cannot be read.
+    """
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise VizDeconvError(f"{path}: cannot read the image list ({error})") from None
+    return [Path(path).parent / line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 def find_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[ImageError]]:

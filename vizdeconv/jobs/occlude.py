@@ -1,7 +1,8 @@
 """``vizdeconv occlude``: occlusion maps of image files (paper Fig. 7), resumable.
 
 Layout under ``OUT/occlusion``: ``<image>/occlusion.png`` and ``<image>/maps.npz`` per image,
-``summary.csv`` (one row per image, ``SUMMARY_COLUMNS``) and ``index.json`` for the report.
+``summary.csv`` (one row per image, ``SUMMARY_COLUMNS``) and ``index.json`` for the report. Under
+``torchrun`` the ranks share the images and rank 0 writes the summary, the index and the report.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vizdeconv import figures, report
+from vizdeconv import distributed, figures, report
 from vizdeconv.deconvnet import Deconvnet, strongest
 from vizdeconv.errors import ImageError
 from vizdeconv.incremental import unsupported
-from vizdeconv.jobs import Progress, find_outputs, no_progress, reading
+from vizdeconv.jobs import Progress, find_outputs, no_progress, reading, unique_failures
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel
 from vizdeconv.occlusion import OcclusionMaps, OcclusionSpec, occlude
@@ -79,7 +80,8 @@ class OcclusionJob:
         folder = self.out / FOLDER
         images, failures, folders = find_outputs(paths, folder)
         results = {path: done for path in images if (done := self._done(path, folders[path])) is not None}
-        todo = [path for path in images if path not in results]
+        ranks = distributed.current()
+        todo = ranks.share([path for path in images if path not in results])
         for batch in reading(self.model, todo, failures, progress, "images", batch_size=1):
             path = batch.paths[0]
             maps = occlude(self.model, self.layers, batch.images[0], self.spec, batch_size=self.batch_size,
@@ -89,15 +91,21 @@ class OcclusionJob:
                      figures.occlusion_figure(self.model, batch.images[0], projection, maps))
             save_npz(folders[path] / MAPS, **maps.arrays())  # last: a maps.npz present means the image is done
             results[path] = ImageOcclusion(path, folders[path], maps, resumed=False)
-        ordered = [results[path] for path in sorted(results)]
+        failures = unique_failures(f for rank_failures in ranks.gather(failures) for f in rank_failures)
+        if not ranks.main:
+            return OcclusionReport(folder, self.spec, [results[path] for path in sorted(results)], failures)
+        for path in images:  # what the other ranks did
+            results[path] = results.get(path) or self._done(path, folders[path], resumed=False)
+        ordered = [results[path] for path in sorted(results) if results[path]]
         rows = [self.summary_row(result) for result in ordered]
         write_atomic(folder / "summary.csv", lambda file: file.write(_summary_csv(rows)))
         self._save_index(folder, ordered, rows, failures)
         report.write_report(self.out)
         return OcclusionReport(folder, self.spec, ordered, failures)
 
-    def _done(self, path: Path, folder: Path) -> ImageOcclusion | None:
-        """The image's maps from an earlier run for this spec, if both its files are there and readable."""
+    def _done(self, path: Path, folder: Path, *, resumed: bool = True) -> ImageOcclusion | None:
+        """The image's maps for this spec on disk (from an earlier run, or another rank), if both its files
+        are there and readable."""
         if not (folder / FIGURE).exists():
             return None
         try:
@@ -105,7 +113,7 @@ class OcclusionJob:
                 maps = OcclusionMaps.from_arrays(arrays)
         except (OSError, KeyError, ValueError):
             return None
-        return ImageOcclusion(path, folder, maps, resumed=True) if maps.spec == self.spec else None
+        return ImageOcclusion(path, folder, maps, resumed) if maps.spec == self.spec else None
 
     def _strongest_projection(self, image: torch.Tensor, channel: int) -> torch.Tensor:
         """Panel (c): the projection of ``channel``'s strongest activation on the unoccluded image."""

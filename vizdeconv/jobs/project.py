@@ -1,32 +1,36 @@
 """``vizdeconv project``: each channel's top-k activations over image files, projected (paper Fig. 2).
 
-Layout under ``OUT``: ``<layer>/ch{C:03d}.png`` per channel, ``<layer>/overview.png``
+Layout under ``OUT``: per layer, ``<layer>/ch{C:03d}.png`` per channel, ``<layer>/overview.png``
 (``overview-2.png`` … past ``SHEET`` channels) and ``<layer>/index.json``; ``index.html`` over
-everything in ``OUT``.
+everything in ``OUT``; while a scan is unfinished, its checkpoints in ``.scan/`` (``resume.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
-from vizdeconv import figures, render, report
+from vizdeconv import distributed, figures, render, report
 from vizdeconv.deconvnet import Deconvnet
 from vizdeconv.embedded import sample_folder
 from vizdeconv.errors import ImageError, VizDeconvError
-from vizdeconv.jobs import Progress, find_inputs, no_progress
+from vizdeconv.jobs import Progress, find_inputs, no_progress, unique_failures
 from vizdeconv.layers import Hit, Layer, trace_layers
 from vizdeconv.models import EMBEDDED, LoadedModel
 from vizdeconv.outputs import save_json, save_png
-from vizdeconv.topk import TopK, hits, parse_channels, project_hits, scan
+from vizdeconv.resume import ScanState, SettingsChanged, load_state, save_state, scan_settings, state_path
+from vizdeconv.topk import SCAN_CHUNK, TopK, chunk_count, hits, parse_channels, project_hits, scan
 
 SHEET = 64  # channel figures per overview sheet
-
+CHECKPOINT_SECONDS = 180  # the default: a killed scan loses at most this much work
 
 
 def figure_name(channel: int) -> str:
@@ -63,85 +67,172 @@ class TopKReport:
 
 
 class ProjectJob:
-    """Top-k grids of one layer.
+    """Top-k grids of one or more layers, from one scan; resumable, and shared across ``torchrun`` ranks.
 
     Args:
-        model: the loaded model. layer: paper number, module name or ``name@k`` (``Layers.layer``).
-        k: activations per channel, each from a different image. channels: ``all`` or ``0-15,32``.
+        model: the loaded model. layers: ``Layers.select``: a layer (paper number, module name,
+            ``name@k``), a range such as ``1-5``, a comma list, or a list of those.
+        k: activations per channel, each from a different image. channels: ``all`` or ``0-15,32``, for every layer.
         rule: ``deconvnet``, ``guided`` or ``gradient``. out: the output folder.
-        batch_size, workers: images per forward pass, processes decoding images during the scan.
+        batch_size, workers, decode: images per forward pass (rounded up to whole chunks of ``SCAN_CHUNK``
+            in the scan), processes decoding images, ``cpu`` or ``gpu`` decoding of JPEGs in the scan.
+        checkpoint_every: save the scan's state every this many images; default every
+            ``CHECKPOINT_SECONDS`` of scanning. restart: discard a checkpoint made with other settings.
     """
 
-    def __init__(self, model: LoadedModel, layer: int | str, *, k: int = 9, channels: str = "all",
-                 rule: str = "deconvnet", out: str | os.PathLike = "vizdeconv-out", batch_size: int = 16,
-                 workers: int = 0) -> None:
-        layers = trace_layers(model)
-        self.model, self.layer = model, layers.layer(layer)
-        self.deconvnet = Deconvnet(model, layers, self.layer, rule=rule)
-        self.channels = parse_channels(channels, self.layer.output_shape[0])
+    def __init__(self, model: LoadedModel, layers: int | str | Sequence[int | str], *, k: int = 9,
+                 channels: str = "all", rule: str = "deconvnet", out: str | os.PathLike = "vizdeconv-out",
+                 batch_size: int = 16, workers: int = 0, decode: str = "cpu", checkpoint_every: int | None = None,
+                 restart: bool = False) -> None:
+        found = trace_layers(model)
+        self.model, self.layers = model, found.select(layers)
+        self.deconvnets = [Deconvnet(model, found, layer, rule=rule) for layer in self.layers]
+        self.channels = [parse_channels(channels, layer.output_shape[0]) for layer in self.layers]
         self.k, self.rule, self.out, self.batch_size, self.workers = k, rule, Path(out), batch_size, workers
+        self.decode, self.checkpoint_every, self.restart = decode, checkpoint_every, restart
 
-    def run(self, paths: Iterable[str | os.PathLike], progress: Progress = no_progress) -> TopKReport:
-        """Scan ``paths`` (files or folders), project every hit, write the figures and refresh the report."""
+    def run(self, paths: Iterable[str | os.PathLike], progress: Progress = no_progress) -> list[TopKReport]:
+        """Scan ``paths`` (files or folders), project every hit, write the figures and refresh the report.
+
+        Under ``torchrun`` every rank calls this with the same arguments: each scans its share of
+        the chunks and projects its share of the channels, and rank 0 writes the shared files.
+        Returns one report per layer, in graph order.
+        """
+        ranks = distributed.current()
         images, failures = find_inputs(paths)
-        missing = len(failures)
-        best = TopK(self.channels, self.k, self.model.device)
-        scanning = f"scanning for {self.layer.label}"
-        progress(scanning, 0, len(images))
-        for done in scan(self.deconvnet, images, best, failures, batch_size=self.batch_size, workers=self.workers):
-            progress(scanning, done, len(images))
-        progress(scanning, len(images), len(images))
-        scanned = len(images) - (len(failures) - missing)
-        found = hits(best, self.layer, images, self.model.input_size)
-        tiles = self._tiles(found, failures, progress)
-        found = {channel: [hit for hit in channel_hits if hit in tiles] for channel, channel_hits in found.items()}
-        folder = self._write(found, tiles, scanned, failures)
-        report.write_report(self.out)
-        return TopKReport(folder, self.layer, self.rule, self.k, found, scanned, failures)
+        state = state_path(self.out, [layer.slug for layer in self.layers], ranks.rank)
+        tops, read_failures = self._merge(ranks.gather(self._scan(images, ranks, state, progress)))
+        scanned = len(images) - len(read_failures)
+        found = [hits(top, layer, images, self.model.input_size) for top, layer in zip(tops, self.layers)]
+        mine = set(ranks.share([(i, channel) for i, layer_found in enumerate(found)
+                                for channel, channel_hits in layer_found.items() if channel_hits]))
+        unreadable: list[ImageError] = []
+        drawn = self._draw([{channel: channel_hits for channel, channel_hits in layer_found.items()
+                             if (i, channel) in mine} for i, layer_found in enumerate(found)], scanned, unreadable,
+                           progress)
+        kept, lost = {}, []
+        for rank_drawn, rank_unreadable in ranks.gather((drawn, unreadable)):
+            kept.update(rank_drawn)
+            lost.extend(rank_unreadable)
+        failures += read_failures + unique_failures(lost)
+        found = [{channel: kept.get((i, channel), []) for channel in layer_found} for i, layer_found in enumerate(found)]
+        if ranks.main:
+            for layer, layer_found in zip(self.layers, found):
+                self._write(layer, layer_found, scanned, failures)
+            report.write_report(self.out)
+        ranks.barrier()  # the results are written: the checkpoint is no longer needed
+        state.unlink(missing_ok=True)
+        for folder in (state.parent, state.parent.parent):  # once every rank's checkpoint is gone
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        return [TopKReport(self.out / layer.slug, layer, self.rule, self.k, layer_found, scanned, failures)
+                for layer, layer_found in zip(self.layers, found)]
 
-    def _tiles(self, found: dict[int, list[Hit]], failures: list[ImageError], progress: Progress
-               ) -> dict[Hit, tuple[Image.Image, Image.Image]]:
-        """Each hit's (projection, patch) tiles; hits on a file that no longer loads are left out."""
-        images = {hit.image for channel_hits in found.values() for hit in channel_hits}
-        projecting = f"projecting {sum(map(len, found.values()))} activations"
-        progress(projecting, 0, len(images))
+    def _scan(self, images: list[Path], ranks: distributed.Ranks, state: Path, progress: Progress
+              ) -> tuple[list[dict[str, torch.Tensor]], list[ImageError]]:
+        """This rank's share of the scan, from its checkpoint if it has one, saved as it goes and at the end.
+
+        Returns each layer's ``TopK.columns()`` and the files that failed.
+        """
+        settings = scan_settings(model=self.model.name, weights=self.model.weights, input_size=self.model.input_size,
+                                 layers=[layer.name for layer in self.layers], channels=self.channels, k=self.k,
+                                 paths=images, world=ranks.world)
+        if self.restart:
+            state.unlink(missing_ok=True)
+        try:
+            resumed, problem = load_state(state, settings), None
+        except SettingsChanged as error:
+            resumed, problem = None, str(error)
+        problems = [p for p in ranks.gather(problem) if p]  # every rank stops if any must
+        if problems:
+            raise SettingsChanged(problems[0])
+        tops = [TopK(channels, self.k, self.model.device) for channels in self.channels]
+        failures, done = [], 0
+        if resumed:
+            for top, columns in zip(tops, resumed.columns):
+                top.fold(**columns)
+            failures, done = resumed.failures, resumed.chunks_done
+        chunks = ranks.share(range(chunk_count(len(images))))
+        files = sum(min(SCAN_CHUNK, len(images) - chunk * SCAN_CHUNK) for chunk in chunks)
+
+        def files_done(chunks_done: int) -> int:
+            return min(chunks_done * SCAN_CHUNK, files)
+
+        def save(chunks_done: int) -> None:
+            save_state(state, ScanState(settings, chunks_done, failures, [top.columns() for top in tops]))
+
+        scanning = "scanning " + ", ".join(layer.label for layer in self.layers)
+        progress(scanning, files_done(done), files)
+        saved, saved_at = done, time.monotonic()
+        for count in scan(self.model, self.layers, tops, images, chunks[done:], failures, batch_size=self.batch_size,
+                          workers=self.workers, decode=self.decode):
+            if (files_done(done + count) - files_done(saved) >= self.checkpoint_every if self.checkpoint_every
+                    else time.monotonic() - saved_at >= CHECKPOINT_SECONDS):
+                save(done + count)
+                saved, saved_at = done + count, time.monotonic()
+            progress(scanning, files_done(done + count), files)
+        save(len(chunks))  # a run stopped while projecting goes on from here
+        progress(scanning, files, files)
+        return [top.columns() for top in tops], failures
+
+    def _merge(self, contributions: list[tuple[list[dict[str, torch.Tensor]], list[ImageError]]]
+               ) -> tuple[list[TopK], list[ImageError]]:
+        """Every rank's top-k folded into one per layer, and every rank's failed files in path order."""
+        tops = [TopK(channels, self.k, self.model.device) for channels in self.channels]
+        for columns, _ in contributions:
+            for top, layer_columns in zip(tops, columns):
+                top.fold(**layer_columns)
+        return tops, unique_failures(f for _, failures in contributions for f in failures)
+
+    def _draw(self, found: list[dict[int, list[Hit]]], scanned: int, lost: list[ImageError], progress: Progress
+              ) -> dict[tuple[int, int], list[Hit]]:
+        """Project ``found[i]`` (layer i's channel → hits) and save each channel's figure.
+
+        Returns ``(layer index, channel)`` → the hits drawn: those on a file that no longer loads
+        (added to ``lost``) are left out.
+        """
+        wanted = {(i, hit.image) for i, layer_found in enumerate(found) for h in layer_found.values() for hit in h}
+        projecting = f"projecting {sum(len(h) for layer_found in found for h in layer_found.values())} activations"
+        progress(projecting, 0, len(wanted))
         tiles = {}
-        for done, result in enumerate(project_hits(self.deconvnet, found, failures, batch_size=self.batch_size), 1):
-            pairs = figures.image_tiles(self.model, self.layer, result.input, result.projections)
-            tiles.update(zip((projection.hit for projection in result.projections), pairs))
-            progress(projecting, done, len(images))
-        progress(projecting, len(images), len(images))
-        return tiles
-
-    def _write(self, found: dict[int, list[Hit]], tiles: dict[Hit, tuple[Image.Image, Image.Image]], scanned: int,
-               failures: list[ImageError]) -> Path:
-        folder = self.out / self.layer.slug
+        for done, (i, result) in enumerate(project_hits(self.deconvnets, found, lost, batch_size=self.batch_size), 1):
+            pairs = figures.image_tiles(self.model, self.layers[i], result.input, result.projections)
+            tiles.update(zip(((i, projection.hit) for projection in result.projections), pairs))
+            progress(projecting, done, len(wanted))
+        progress(projecting, len(wanted), len(wanted))
+        drawn = {}
         columns = math.ceil(math.sqrt(self.k))
-        drawn, channels = [], []
-        for channel, channel_hits in found.items():
-            if not channel_hits:
-                continue
-            title = f"{self.layer.label}, channel {channel}: top {len(channel_hits)} of {scanned} images"
-            figure = figures.channel_figure(title, [tiles[h][0] for h in channel_hits], [tiles[h][1] for h in channel_hits],
-                                            [h.value for h in channel_hits], [h.image.stem for h in channel_hits],
-                                            columns)
-            save_png(folder / figure_name(channel), figure)
-            drawn.append(figure)
-            channels.append({"channel": channel, "png": figure_name(channel),
-                             "hits": [hit.to_json() for hit in channel_hits]})
+        for i, layer_found in enumerate(found):
+            layer = self.layers[i]
+            for channel, channel_hits in layer_found.items():
+                shown = drawn[i, channel] = [hit for hit in channel_hits if (i, hit) in tiles]
+                if not shown:
+                    continue
+                title = f"{layer.label}, channel {channel}: top {len(shown)} of {scanned} images"
+                figure = figures.channel_figure(title, [tiles[i, h][0] for h in shown], [tiles[i, h][1] for h in shown],
+                                                [h.value for h in shown], [h.image.stem for h in shown], columns)
+                save_png(self.out / layer.slug / figure_name(channel), figure)
+        return drawn
+
+    def _write(self, layer: Layer, found: dict[int, list[Hit]], scanned: int, failures: list[ImageError]) -> None:
+        """The layer's overview sheets (from the channel figures on disk) and ``index.json``; stale figures removed."""
+        folder = self.out / layer.slug
+        channels = [{"channel": channel, "png": figure_name(channel), "hits": [hit.to_json() for hit in channel_hits]}
+                    for channel, channel_hits in found.items() if channel_hits]
         sheets = []
-        for number, start in enumerate(range(0, len(drawn), SHEET), start=1):
+        for number, start in enumerate(range(0, len(channels), SHEET), start=1):
             name = "overview.png" if number == 1 else f"overview-{number}.png"
             sheet = channels[start:start + SHEET]
-            title = (f"{self.model.name}, {self.layer.label}, {self.rule} rule: channels {sheet[0]['channel']}.."
+            title = (f"{self.model.name}, {layer.label}, {self.rule} rule: channels {sheet[0]['channel']}.."
                      f"{sheet[-1]['channel']}, top {self.k} over {scanned} images")
             labels = [f"channel {c['channel']}: max {c['hits'][0]['value']:.3g}" for c in sheet]
-            save_png(folder / name, figures.overview(drawn[start:start + SHEET], labels, title))
+            drawn = [_read_png(folder / c["png"]) for c in sheet]
+            save_png(folder / name, figures.overview(drawn, labels, title))
             sheets.append(name)
-        field = self.layer.field
+        field = layer.field
         save_json(folder / "index.json", {
-            "kind": "project", "model": self.model.name, "weights": self.model.weights, "layer": self.layer.number,
-            "module": self.layer.name, "label": self.layer.label, "rule": self.rule,
+            "kind": "project", "model": self.model.name, "weights": self.model.weights, "layer": layer.number,
+            "module": layer.name, "label": layer.label, "rule": self.rule,
             "input_size": list(self.model.input_size), "k": self.k,
             "receptive_field": {"size": list(field.size), "stride": list(field.stride), "offset": list(field.offset)},
             "images_scanned": scanned, "failed": [failure.to_json() for failure in failures],
@@ -151,4 +242,8 @@ class ProjectJob:
         for stale in [*folder.glob("ch*.png"), *folder.glob("overview*.png")]:
             if stale.name not in written:  # from an earlier run with other channels or k
                 stale.unlink()
-        return folder
+
+
+def _read_png(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")

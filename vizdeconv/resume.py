@@ -1,0 +1,94 @@
+"""Checkpoints of a top-k scan, so that an interrupted ``project`` goes on where it stopped.
+
+One ``.safetensors`` file per rank under ``OUT/.scan/<layers>/`` (tensors and JSON text, never a
+pickle), replaced atomically: a run killed at any moment leaves the previous checkpoint or the new
+one. It holds each layer's running top-k, how many of the rank's chunks are done, the files that
+failed so far, and the settings that must match for a rerun to continue from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from vizdeconv.errors import ImageError, VizDeconvError
+from vizdeconv.outputs import write_atomic
+
+FOLDER = ".scan"
+
+
+class SettingsChanged(VizDeconvError):
+    """An interrupted scan's checkpoint was made with other settings; ``--restart`` discards it."""
+
+
+@dataclass
+class ScanState:
+    """What a checkpoint holds.
+
+    Attributes:
+        settings: what a rerun must match (``scan_settings``).
+        chunks_done: how many of the rank's chunks are folded in.
+        failures: files that failed in those chunks.
+        columns: per layer, ``TopK.columns()``.
+    """
+
+    settings: dict
+    chunks_done: int
+    failures: list[ImageError]
+    columns: list[dict[str, torch.Tensor]]
+
+
+def scan_settings(*, model: str, weights: str, input_size: Sequence[int], layers: Sequence[str],
+                  channels: Sequence[Sequence[int]], k: int, paths: Sequence[Path], world: int) -> dict:
+    """The settings that fix a scan's chunks and their result; the file list enters as a hash."""
+    listing = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()
+    return {"model": model, "weights": weights, "input_size": list(input_size), "layers": list(layers),
+            "channels": [list(c) for c in channels], "k": k, "files": f"{len(paths)} files, sha256 {listing}",
+            "ranks": world}
+
+
+def state_path(out: Path, slugs: Sequence[str], rank: int) -> Path:
+    return out / FOLDER / "+".join(slugs) / f"rank{rank}.safetensors"
+
+
+def save_state(path: Path, state: ScanState) -> None:
+    tensors = {f"{layer}.{key}": tensor.contiguous() for layer, columns in enumerate(state.columns)
+               for key, tensor in columns.items()}
+    metadata = {"settings": json.dumps(state.settings), "chunks_done": str(state.chunks_done),
+                "failures": json.dumps([[str(f.path), f.reason] for f in state.failures])}
+    data = save(tensors, metadata)
+    write_atomic(path, lambda file: file.write(data))
+
+
+def load_state(path: Path, settings: dict) -> ScanState | None:
+    """The checkpoint at ``path`` if there is one, made with ``settings``.
+
+    Raises:
+        SettingsChanged: the checkpoint is from other settings, or unreadable; says which setting differs.
+    """
+    if not path.exists():
+        return None
+    restart = "; rerun with --restart to discard it and scan from the start"
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+        saved = json.loads(metadata["settings"])
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
+        raise SettingsChanged(f"{path}: unreadable scan checkpoint ({error}){restart}") from None
+    changed = [key for key in settings if saved.get(key) != settings[key]]
+    if changed:
+        key = changed[0]
+        raise SettingsChanged(f"{path}: an interrupted scan with other settings ({key}: {saved.get(key)} then, "
+                              f"{settings[key]} now){restart}")
+    columns = [{key: tensors[f"{layer}.{key}"] for key in ("values", "ranks", "places")}
+               for layer in range(len(settings["layers"]))]
+    failures = [ImageError(Path(image), reason) for image, reason in json.loads(metadata["failures"])]
+    return ScanState(saved, int(metadata["chunks_done"]), failures, columns)
