@@ -31,6 +31,7 @@ bench: $(READY)
 	$(BIN)/python benchmarks/bench_scan.py
 	$(BIN)/python benchmarks/bench_occlusion.py
 	$(BIN)/python benchmarks/bench_graph.py
+	$(BIN)/python benchmarks/bench_ranks.py
 
 # the demo's report, with a second layer to step to, in headless Chromium (Debian's chromium package):
 # broken images, links, console errors, the channel view and its keys
