@@ -61,8 +61,19 @@ def test_several_layers_and_an_image_list(folder):
         assert hits and {Path(hit["image"]).name for hit in hits} <= set(listed)
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["--layer", "5-1"], "layer range '5-1' runs backwards"),
+    (["--layer", "2", "--images-from", "{list}"], "the image list names no files"),
+])
+def test_bad_layer_ranges_and_empty_lists_are_one_line_usage_errors(folder, arguments, message):
+    (folder / "empty.txt").write_text("# nothing yet\n")
+    arguments = [a.replace("{list}", str(folder / "empty.txt")) for a in arguments]
+    result = CliRunner().invoke(main, ["project", *arguments, "--out", str(folder / "out")])
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_a_changed_rerun_of_an_interrupted_scan_is_a_one_line_usage_error(folder):
-    state = folder / "out" / ".scan" / "layer2" / "rank0.safetensors"
+    state = folder / "out" / ".scan" / "rank0.safetensors"
     state.parent.mkdir(parents=True)
     state.write_bytes(b"torn")
     arguments = ["project", "--layer", "2", "--images", str(folder / "a"), "--channels", "0", "--out", str(folder / "out")]

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vizdeconv.jobs.occlude import OcclusionJob
 from vizdeconv.jobs.project import ProjectJob
 from vizdeconv.resume import SettingsChanged
-from vizdeconv.topk import TopK
+from vizdeconv.topk import TopK, project_hits
 
 FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
 BIN = Path(sys.executable).parent
@@ -52,6 +53,21 @@ def test_several_layers_in_one_pass_equal_separate_runs(embedded, folder, tmp_pa
     assert written(tmp_path / "together") == written(tmp_path / "separate")
     assert {path for path in written(tmp_path / "together") if path.endswith("index.json")} == {
         "layer2/index.json", "layer5/index.json"}
+
+
+def test_projections_do_not_depend_on_batch_size_or_which_channels_are_drawn(embedded, folder, tmp_path):
+    """What lets ranks draw different channels: each projection depends only on its image and its hits."""
+    ProjectJob(embedded, "1,4", k=4, channels="0-7", out=tmp_path / "one", batch_size=1).run([folder])
+    ProjectJob(embedded, "1,4", k=4, channels="0-7", out=tmp_path / "many", batch_size=48).run([folder])
+    assert written(tmp_path / "one") == written(tmp_path / "many")
+    found = [{c: hits for c, hits in report.hits.items()} for report in
+             ProjectJob(embedded, "1,4", k=4, channels="0-7", out=tmp_path / "x").run([folder])]
+    job = ProjectJob(embedded, "1,4", k=4, channels="0-7", out=tmp_path / "x")
+    every = {(i, p.hit): p.pixels for i, r in project_hits(job.deconvnets, found, []) for p in r.projections}
+    some = {(i, p.hit): p.pixels for i, r in project_hits(job.deconvnets, found, [], only={(0, 3), (1, 5)},
+                                                             batch_size=5) for p in r.projections}
+    assert some and {key[1].channel for key in some} == {3, 5}
+    assert all(torch.equal(pixels, every[key]) for key, pixels in some.items())
 
 
 class Killed(Exception):

@@ -86,6 +86,8 @@ def model_options(command: Callable) -> Callable:
             model = load_model(model_name, weights=weights, device=device, input_size=sizes, mean=means, std=stds)
             return command(model=model, **kwargs)
         except VizDeconvError as error:
+            if not (distributed.current().main or isinstance(error, distributed.RankFailure)):
+                raise SystemExit(UsageFailure.exit_code) from None  # rank 0 says what every rank met
             raise UsageFailure(str(error)) from None
 
     return wrapper
@@ -140,8 +142,10 @@ def _say(text: str) -> None:
 
 
 def _finish(done: int, failures: list[ImageError], what: str, out_dir: Path | None = None) -> None:
+    """The failures and a summary line, then exit 1 if any file failed; under torchrun rank 0 does this for the job
+    (the other ranks end with 0, so that torchrun does not stop rank 0 before it is done)."""
     if not distributed.current().main:
-        raise SystemExit(1 if failures else 0)
+        return
     for failure in failures:
         err.print(f"[red]failed:[/] {escape(str(failure))}")
     err.print(f"{done} {what}, {len(failures)} failed" + (f"; browse {escape(str(out_dir / PAGE))}" if out_dir else ""))
@@ -262,7 +266,7 @@ def deconv(model: LoadedModel, paths: tuple[str, ...], batch_size: int, layer_sp
               help="gpu: decode JPEGs in batches on the model's device (other files on the CPU).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), metavar="IMAGES",
               help="Save the scan's state every this many images [default: every 3 minutes].")
-@click.option("--restart", is_flag=True, help="Discard an interrupted scan's checkpoint made with other settings.")
+@click.option("--restart", is_flag=True, help="Discard an interrupted scan's checkpoints and scan from the start.")
 @out_option
 def project_command(model: LoadedModel, batch_size: int, layer_spec: str, rule: str, folders: tuple[str, ...],
                     lists: tuple[Path, ...], top: int, channel_spec: str, workers: int, decode: str,
@@ -300,7 +304,7 @@ def occlude_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int,
     """Occlusion maps (paper Fig. 7) into OUT/occlusion: p(target), top class and a feature map's total per square."""
     job = OcclusionJob(model, layer_spec, size=size, stride=stride, fill=fill, target=target, rule=rule,
                        approximate=approximate, brute_force=brute_force, out=out_dir, batch_size=batch_size)
-    if job.not_incremental:
+    if job.not_incremental and distributed.current().main:
         err.print(f"note: exact incremental inference is not possible ({escape(job.not_incremental)}); "
                   "using brute force")
     with progress_bars() as bars:

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import os
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -21,7 +22,9 @@ import torch.distributed as dist
 from vizdeconv.errors import VizDeconvError
 
 T = TypeVar("T")
-TIMEOUT = datetime.timedelta(minutes=30)  # a collective waiting longer than this means a rank is gone
+# How long a rank waits for the others at an exchange (the slowest rank's scan included): a rank that
+# dies is stopped by torchrun, which stops the others at once; this only ends a wait on a hung rank.
+TIMEOUT = datetime.timedelta(hours=6)
 
 
 class RankFailure(VizDeconvError):
@@ -91,8 +94,9 @@ def from_environment() -> Iterator[Ranks]:
     ranks = current()
 
     def stopped(signum, frame) -> None:  # torchrun stops every rank when one fails
-        raise RankFailure(f"rank {ranks.rank} of {ranks.world}: stopped by torchrun (another rank failed, or the job "
-                          "was cancelled); run the same command again to resume from the last checkpoint")
+        sys.stderr.write(f"Error: rank {ranks.rank} of {ranks.world}: stopped by torchrun (another rank failed, or the "
+                         "job was cancelled); run the same command again to resume from the last checkpoint\n")
+        raise SystemExit(2)  # not an Exception: nothing on the way may swallow it; files are left whole
 
     previous = signal.signal(signal.SIGTERM, stopped)
     try:

@@ -227,12 +227,16 @@ class _DeviceDecoder:
             warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 defers to TorchCodec
             try:
                 return decode_jpeg(jpegs, mode=self.mode, device=self.device)
+            except torch.cuda.OutOfMemoryError:
+                raise
             except RuntimeError:
                 return [self._decode_one(data) for data in jpegs]
 
     def _decode_one(self, data: torch.Tensor) -> torch.Tensor | None:
         try:
             return decode_jpeg(data, mode=self.mode, device=self.device)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except RuntimeError:
             return None
 

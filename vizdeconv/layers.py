@@ -258,9 +258,13 @@ class Layers:
         for part in map(str.strip, parts):
             first, dash, last = part.partition("-")
             if dash and first.isdigit() and last.isdigit():
+                if int(first) > int(last):
+                    raise LayerError(f"layer range {part!r} runs backwards; write {last}-{first}")
                 chosen.extend(self.layer(number) for number in range(int(first), int(last) + 1))
             else:
                 chosen.append(self.layer(part))
+        if not chosen:
+            raise LayerError("no layer given")
         unique = {layer.point: layer for layer in chosen}
         return sorted(unique.values(), key=lambda layer: self.graph.points.index(layer.point))
 

@@ -1,6 +1,6 @@
 """Checkpoints of a top-k scan, so that an interrupted ``project`` goes on where it stopped.
 
-One ``.safetensors`` file per rank under ``OUT/.scan/<layers>/`` (tensors and JSON text, never a
+One ``.safetensors`` file per rank under ``OUT/.scan/`` (tensors and JSON text, never a
 pickle), replaced atomically: a run killed at any moment leaves the previous checkpoint or the new
 one. It holds each layer's running top-k, how many of the rank's chunks are done, the files that
 failed so far, and the settings that must match for a rerun to continue from it.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from safetensors.torch import save
 
 from vizdeconv.errors import ImageError, VizDeconvError
 from vizdeconv.outputs import write_atomic
+from vizdeconv.topk import SCAN_CHUNK
 
 FOLDER = ".scan"
 
@@ -45,17 +47,15 @@ class ScanState:
     columns: list[dict[str, torch.Tensor]]
 
 
-def scan_settings(*, model: str, weights: str, input_size: Sequence[int], layers: Sequence[str],
-                  channels: Sequence[Sequence[int]], k: int, paths: Sequence[Path], world: int) -> dict:
-    """The settings that fix a scan's chunks and their result; the file list enters as a hash."""
-    listing = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()
-    return {"model": model, "weights": weights, "input_size": list(input_size), "layers": list(layers),
-            "channels": [list(c) for c in channels], "k": k, "files": f"{len(paths)} files, sha256 {listing}",
-            "ranks": world}
-
-
-def state_path(out: Path, slugs: Sequence[str], rank: int) -> Path:
-    return out / FOLDER / "+".join(slugs) / f"rank{rank}.safetensors"
+def scan_settings(*, model: str, weights: str, device: str, preprocessing: list, layers: Sequence[str],
+                  channels: Sequence[Sequence[int]], k: int, decode: str, paths: Sequence[Path], world: int) -> dict:
+    """The settings that fix a scan's chunks and their result (devices and decoders round differently);
+    the file list enters as a hash of the absolute paths."""
+    listing = hashlib.sha256("\n".join(os.path.abspath(path) for path in paths).encode()).hexdigest()
+    return {"format": f"vizdeconv scan, chunks of {SCAN_CHUNK} files", "model": model, "weights": weights,
+            "device": device, "preprocessing": json.loads(json.dumps(preprocessing)), "layers": list(layers),
+            "channels": [list(c) for c in channels], "k": k, "decode": decode,
+            "files": f"{len(paths)} files, sha256 {listing[:16]}", "ranks": world}
 
 
 def save_state(path: Path, state: ScanState) -> None:
@@ -81,14 +81,20 @@ def load_state(path: Path, settings: dict) -> ScanState | None:
             metadata = file.metadata() or {}
             tensors = {key: file.get_tensor(key) for key in file.keys()}
         saved = json.loads(metadata["settings"])
-    except (OSError, ValueError, KeyError, SafetensorError) as error:
+        chunks_done = int(metadata["chunks_done"])
+        failures = [ImageError(Path(image), reason) for image, reason in json.loads(metadata["failures"])]
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise SettingsChanged(f"{path}: unreadable scan checkpoint ({error}){restart}") from None
     changed = [key for key in settings if saved.get(key) != settings[key]]
     if changed:
         key = changed[0]
-        raise SettingsChanged(f"{path}: an interrupted scan with other settings ({key}: {saved.get(key)} then, "
-                              f"{settings[key]} now){restart}")
+        raise SettingsChanged(f"{path}: an interrupted scan with other settings ({key}: {_short(saved.get(key))} "
+                              f"then, {_short(settings[key])} now){restart}")
     columns = [{key: tensors[f"{layer}.{key}"] for key in ("values", "ranks", "places")}
                for layer in range(len(settings["layers"]))]
-    failures = [ImageError(Path(image), reason) for image, reason in json.loads(metadata["failures"])]
-    return ScanState(saved, int(metadata["chunks_done"]), failures, columns)
+    return ScanState(saved, chunks_done, failures, columns)
+
+
+def _short(value, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

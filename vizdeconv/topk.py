@@ -132,24 +132,30 @@ def hits(top: TopK, layer: Layer, paths: Sequence[Path], input_size: tuple[int, 
 
 
 def project_hits(deconvnets: Sequence[Deconvnet], found: Sequence[dict[int, list[Hit]]], failures: list[ImageError],
-                 *, batch_size: int = 32) -> Iterator[tuple[int, ImageProjections]]:
+                 *, only: set[tuple[int, int]] | None = None, batch_size: int = 32, decode: str = "cpu"
+                 ) -> Iterator[tuple[int, ImageProjections]]:
     """Project the hits ``found[i]`` (channel → hits) through ``deconvnets[i]``, reading each image once.
 
-    Yields ``(i, one image's projections at layer i)``, images in path order. Images are read
-    again (the scan kept none); one that no longer loads goes to ``failures``.
+    Each image runs alone, and all its hits at a layer go down together, so a projection's bits
+    depend on nothing but the image and its hits: not on the batch size, nor on which
+    ``(layer index, channel)`` pairs are asked for (``only``; default all), which is how ranks
+    that draw different channels still draw what one process draws. Yields ``(i, one image's
+    projections at layer i)`` for the pairs asked for, images in path order. Images are read again
+    (the scan kept none), with the scan's decoder; one that no longer loads goes to ``failures``.
     """
     model = deconvnets[0].model
-    wanted: dict[Path, dict[int, list[Hit]]] = defaultdict(lambda: defaultdict(list))
+    every: dict[Path, dict[int, list[Hit]]] = defaultdict(lambda: defaultdict(list))
     for i, layer_found in enumerate(found):
-        for channel_hits in layer_found.values():
+        for channel, channel_hits in layer_found.items():
             for hit in channel_hits:
-                wanted[hit.image][i].append(hit)
-    for batch in model.read(sorted(wanted), failures, batch_size=batch_size):
-        for i, deconvnet in enumerate(deconvnets):
-            here = [n for n, path in enumerate(batch.paths) if i in wanted[path]]
-            if not here:
-                continue
-            forward = deconvnet.forward(batch.images[here].to(model.device))
-            projected = deconvnet.project_hits(forward, [wanted[batch.paths[n]][i] for n in here])
-            for n, projections in zip(here, projected):
-                yield i, ImageProjections(batch.paths[n], batch.images[n].cpu(), projections)
+                every[hit.image][i].append(hit)
+    asked = {path: {i for i, hits_here in layers.items() if only is None or any((i, h.channel) in only for h in hits_here)}
+             for path, layers in every.items()}
+    paths = sorted(path for path, layers in asked.items() if layers)
+    for batch in model.read(paths, failures, batch_size=batch_size, decode=decode):
+        for path, image in zip(batch.paths, batch.images):
+            for i in sorted(asked[path]):
+                forward = deconvnets[i].forward(image[None].to(model.device))
+                (projections,) = deconvnets[i].project_hits(forward, [every[path][i]])
+                kept = [p for p in projections if only is None or (i, p.hit.channel) in only]
+                yield i, ImageProjections(path, image.cpu(), kept)

@@ -51,7 +51,7 @@ def find_outputs(paths: Iterable[str | os.PathLike], folder: Path
 
 def unique_failures(failures: Iterable[ImageError]) -> list[ImageError]:
     """One failure per file, in path order: what ranks report together (each may have failed on the same file)."""
-    return sorted({str(f.path): f for f in failures}.values(), key=lambda f: str(f.path))
+    return sorted({str(f.path): f for f in failures}.values(), key=lambda f: Path(f.path))
 
 
 def read_list(path: Path) -> list[Path]:
@@ -60,13 +60,16 @@ def read_list(path: Path) -> list[Path]:
     Blank lines and lines starting with ``#`` are skipped.
 
     Raises:
-        VizDeconvError: the file cannot be read.
+        VizDeconvError: the file cannot be read, or names no files.
     """
     try:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise VizDeconvError(f"{path}: cannot read the image list ({error})") from None
-    return [Path(path).parent / line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    listed = [Path(path).parent / line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not listed:
+        raise VizDeconvError(f"{path}: the image list names no files")
+    return listed
 
 
 def find_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[ImageError]]:

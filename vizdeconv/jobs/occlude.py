@@ -81,7 +81,8 @@ class OcclusionJob:
         images, failures, folders = find_outputs(paths, folder)
         results = {path: done for path in images if (done := self._done(path, folders[path])) is not None}
         ranks = distributed.current()
-        todo = ranks.share([path for path in images if path not in results])
+        todo = ranks.gather([path for path in images if path not in results])[0]  # rank 0's view, for every rank
+        todo = ranks.share(todo)
         for batch in reading(self.model, todo, failures, progress, "images", batch_size=1):
             path = batch.paths[0]
             maps = occlude(self.model, self.layers, batch.images[0], self.spec, batch_size=self.batch_size,
@@ -92,16 +93,20 @@ class OcclusionJob:
             save_npz(folders[path] / MAPS, **maps.arrays())  # last: a maps.npz present means the image is done
             results[path] = ImageOcclusion(path, folders[path], maps, resumed=False)
         failures = unique_failures(f for rank_failures in ranks.gather(failures) for f in rank_failures)
-        if not ranks.main:
-            return OcclusionReport(folder, self.spec, [results[path] for path in sorted(results)], failures)
-        for path in images:  # what the other ranks did
-            results[path] = results.get(path) or self._done(path, folders[path], resumed=False)
-        ordered = [results[path] for path in sorted(results) if results[path]]
-        rows = [self.summary_row(result) for result in ordered]
-        write_atomic(folder / "summary.csv", lambda file: file.write(_summary_csv(rows)))
-        self._save_index(folder, ordered, rows, failures)
-        report.write_report(self.out)
-        return OcclusionReport(folder, self.spec, ordered, failures)
+        if ranks.main:
+            failed = {str(failure.path) for failure in failures}
+            for path in images:  # what the other ranks did
+                results[path] = results.get(path) or self._done(path, folders[path], resumed=False)
+                if results[path] is None and str(path) not in failed:
+                    failures.append(ImageError(path, f"no maps in {folders[path]} (a rank stopped writing them?)"))
+            ordered = [results[path] for path in sorted(results) if results[path]]
+            rows = [self.summary_row(result) for result in ordered]
+            write_atomic(folder / "summary.csv", lambda file: file.write(_summary_csv(rows)))
+            self._save_index(folder, ordered, rows, failures)
+            report.write_report(self.out)
+        ranks.barrier()  # no rank leaves (and exits) before rank 0 has written
+        return OcclusionReport(folder, self.spec, [results[path] for path in sorted(results) if results[path]],
+                               failures)
 
     def _done(self, path: Path, folder: Path, *, resumed: bool = True) -> ImageOcclusion | None:
         """The image's maps for this spec on disk (from an earlier run, or another rank), if both its files

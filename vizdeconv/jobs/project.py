@@ -7,9 +7,9 @@ everything in ``OUT``; while a scan is unfinished, its checkpoints in ``.scan/``
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,7 +26,8 @@ from vizdeconv.jobs import Progress, find_inputs, no_progress, unique_failures
 from vizdeconv.layers import Hit, Layer, trace_layers
 from vizdeconv.models import EMBEDDED, LoadedModel
 from vizdeconv.outputs import save_json, save_png
-from vizdeconv.resume import ScanState, SettingsChanged, load_state, save_state, scan_settings, state_path
+from vizdeconv.resume import FOLDER as CHECKPOINTS
+from vizdeconv.resume import ScanState, SettingsChanged, load_state, save_state, scan_settings
 from vizdeconv.topk import SCAN_CHUNK, TopK, chunk_count, hits, parse_channels, project_hits, scan
 
 SHEET = 64  # channel figures per overview sheet
@@ -95,21 +96,18 @@ class ProjectJob:
         """Scan ``paths`` (files or folders), project every hit, write the figures and refresh the report.
 
         Under ``torchrun`` every rank calls this with the same arguments: each scans its share of
-        the chunks and projects its share of the channels, and rank 0 writes the shared files.
+        the chunks and draws its share of the channels, and rank 0 writes the shared files.
         Returns one report per layer, in graph order.
         """
         ranks = distributed.current()
         images, failures = find_inputs(paths)
-        state = state_path(self.out, [layer.slug for layer in self.layers], ranks.rank)
-        tops, read_failures = self._merge(ranks.gather(self._scan(images, ranks, state, progress)))
+        tops, read_failures = self._merge(ranks.gather(self._scan(images, ranks, progress)))
         scanned = len(images) - len(read_failures)
         found = [hits(top, layer, images, self.model.input_size) for top, layer in zip(tops, self.layers)]
         mine = set(ranks.share([(i, channel) for i, layer_found in enumerate(found)
                                 for channel, channel_hits in layer_found.items() if channel_hits]))
         unreadable: list[ImageError] = []
-        drawn = self._draw([{channel: channel_hits for channel, channel_hits in layer_found.items()
-                             if (i, channel) in mine} for i, layer_found in enumerate(found)], scanned, unreadable,
-                           progress)
+        drawn = self._draw(found, mine, scanned, unreadable, progress)
         kept, lost = {}, []
         for rank_drawn, rank_unreadable in ranks.gather((drawn, unreadable)):
             kept.update(rank_drawn)
@@ -120,33 +118,39 @@ class ProjectJob:
             for layer, layer_found in zip(self.layers, found):
                 self._write(layer, layer_found, scanned, failures)
             report.write_report(self.out)
-        ranks.barrier()  # the results are written: the checkpoint is no longer needed
-        state.unlink(missing_ok=True)
-        for folder in (state.parent, state.parent.parent):  # once every rank's checkpoint is gone
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+            shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)  # the results are written
+        ranks.barrier()  # no rank leaves (and exits) before rank 0 has written
         return [TopKReport(self.out / layer.slug, layer, self.rule, self.k, layer_found, scanned, failures)
                 for layer, layer_found in zip(self.layers, found)]
 
-    def _scan(self, images: list[Path], ranks: distributed.Ranks, state: Path, progress: Progress
+    def _scan(self, images: list[Path], ranks: distributed.Ranks, progress: Progress
               ) -> tuple[list[dict[str, torch.Tensor]], list[ImageError]]:
         """This rank's share of the scan, from its checkpoint if it has one, saved as it goes and at the end.
 
         Returns each layer's ``TopK.columns()`` and the files that failed.
         """
-        settings = scan_settings(model=self.model.name, weights=self.model.weights, input_size=self.model.input_size,
+        model = self.model
+        settings = scan_settings(model=model.name, weights=model.weights, device=model.device.type,
+                                 preprocessing=[model.input_size, model.mean, model.std],
                                  layers=[layer.name for layer in self.layers], channels=self.channels, k=self.k,
-                                 paths=images, world=ranks.world)
+                                 decode=self.decode, paths=images, world=ranks.world)
         if self.restart:
-            state.unlink(missing_ok=True)
+            ranks.barrier()  # every rank has started: none is still reading a checkpoint
+            if ranks.main:
+                shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
+            ranks.barrier()
+        state = self.out / CHECKPOINTS / f"rank{ranks.rank}.safetensors"
         try:
             resumed, problem = load_state(state, settings), None
         except SettingsChanged as error:
             resumed, problem = None, str(error)
-        problems = [p for p in ranks.gather(problem) if p]  # every rank stops if any must
-        if problems:
-            raise SettingsChanged(problems[0])
-        tops = [TopK(channels, self.k, self.model.device) for channels in self.channels]
+        answers = ranks.gather((problem, settings["files"]))
+        if len({files for _, files in answers}) > 1:
+            problem = f"the ranks found different files ({', '.join(files for _, files in answers)}); they need the same"
+        problem = problem or next((p for p, _ in answers if p), None)  # every rank stops if any must
+        if problem:
+            raise SettingsChanged(problem)
+        tops = [TopK(channels, self.k, model.device) for channels in self.channels]
         failures, done = [], 0
         if resumed:
             for top, columns in zip(tops, resumed.columns):
@@ -164,14 +168,15 @@ class ProjectJob:
         scanning = "scanning " + ", ".join(layer.label for layer in self.layers)
         progress(scanning, files_done(done), files)
         saved, saved_at = done, time.monotonic()
-        for count in scan(self.model, self.layers, tops, images, chunks[done:], failures, batch_size=self.batch_size,
+        for count in scan(model, self.layers, tops, images, chunks[done:], failures, batch_size=self.batch_size,
                           workers=self.workers, decode=self.decode):
             if (files_done(done + count) - files_done(saved) >= self.checkpoint_every if self.checkpoint_every
                     else time.monotonic() - saved_at >= CHECKPOINT_SECONDS):
                 save(done + count)
                 saved, saved_at = done + count, time.monotonic()
             progress(scanning, files_done(done + count), files)
-        save(len(chunks))  # a run stopped while projecting goes on from here
+        if saved < len(chunks):
+            save(len(chunks))  # a run stopped while projecting goes on from here
         progress(scanning, files, files)
         return [top.columns() for top in tops], failures
 
@@ -184,34 +189,35 @@ class ProjectJob:
                 top.fold(**layer_columns)
         return tops, unique_failures(f for _, failures in contributions for f in failures)
 
-    def _draw(self, found: list[dict[int, list[Hit]]], scanned: int, lost: list[ImageError], progress: Progress
-              ) -> dict[tuple[int, int], list[Hit]]:
-        """Project ``found[i]`` (layer i's channel → hits) and save each channel's figure.
+    def _draw(self, found: list[dict[int, list[Hit]]], mine: set[tuple[int, int]], scanned: int,
+              lost: list[ImageError], progress: Progress) -> dict[tuple[int, int], list[Hit]]:
+        """Project the hits of the ``(layer index, channel)`` pairs in ``mine`` and save each one's figure.
 
+        ``found[i]`` is layer i's channel → hits, every channel's (``project_hits`` needs them all).
         Returns ``(layer index, channel)`` → the hits drawn: those on a file that no longer loads
         (added to ``lost``) are left out.
         """
-        wanted = {(i, hit.image) for i, layer_found in enumerate(found) for h in layer_found.values() for hit in h}
-        projecting = f"projecting {sum(len(h) for layer_found in found for h in layer_found.values())} activations"
+        wanted = {(i, hit.image) for i, channel in mine for hit in found[i][channel]}
+        projecting = f"projecting {sum(len(found[i][channel]) for i, channel in mine)} activations"
         progress(projecting, 0, len(wanted))
         tiles = {}
-        for done, (i, result) in enumerate(project_hits(self.deconvnets, found, lost, batch_size=self.batch_size), 1):
+        for done, (i, result) in enumerate(project_hits(self.deconvnets, found, lost, only=mine,
+                                                        batch_size=self.batch_size, decode=self.decode), 1):
             pairs = figures.image_tiles(self.model, self.layers[i], result.input, result.projections)
             tiles.update(zip(((i, projection.hit) for projection in result.projections), pairs))
             progress(projecting, done, len(wanted))
         progress(projecting, len(wanted), len(wanted))
         drawn = {}
         columns = math.ceil(math.sqrt(self.k))
-        for i, layer_found in enumerate(found):
+        for i, channel in sorted(mine):
             layer = self.layers[i]
-            for channel, channel_hits in layer_found.items():
-                shown = drawn[i, channel] = [hit for hit in channel_hits if (i, hit) in tiles]
-                if not shown:
-                    continue
-                title = f"{layer.label}, channel {channel}: top {len(shown)} of {scanned} images"
-                figure = figures.channel_figure(title, [tiles[i, h][0] for h in shown], [tiles[i, h][1] for h in shown],
-                                                [h.value for h in shown], [h.image.stem for h in shown], columns)
-                save_png(self.out / layer.slug / figure_name(channel), figure)
+            shown = drawn[i, channel] = [hit for hit in found[i][channel] if (i, hit) in tiles]
+            if not shown:
+                continue
+            title = f"{layer.label}, channel {channel}: top {len(shown)} of {scanned} images"
+            figure = figures.channel_figure(title, [tiles[i, h][0] for h in shown], [tiles[i, h][1] for h in shown],
+                                            [h.value for h in shown], [h.image.stem for h in shown], columns)
+            save_png(self.out / layer.slug / figure_name(channel), figure)
         return drawn
 
     def _write(self, layer: Layer, found: dict[int, list[Hit]], scanned: int, failures: list[ImageError]) -> None:
@@ -239,8 +245,8 @@ class ProjectJob:
             "display": render.DISPLAY, "overview": sheets, "channels": channels,
         })
         written = {channel["png"] for channel in channels} | set(sheets)
-        for stale in [*folder.glob("ch*.png"), *folder.glob("overview*.png")]:
-            if stale.name not in written:  # from an earlier run with other channels or k
+        for stale in [*folder.glob("ch*.png"), *folder.glob("overview*.png"), *folder.glob(".*.tmp")]:
+            if stale.name not in written:  # from an earlier run with other channels or k, or one killed mid-write
                 stale.unlink()
 
 
