@@ -49,13 +49,13 @@ class ScanState:
 
 def scan_settings(*, model: str, weights: str, device: str, preprocessing: list, layers: Sequence[str],
                   channels: Sequence[Sequence[int]], k: int, decode: str, paths: Sequence[Path], world: int) -> dict:
-    """The settings that fix a scan's chunks and their result (devices and decoders round differently);
-    the file list enters as a hash of the absolute paths."""
+    """The settings that fix a scan's chunks and their result (devices and decoders round differently),
+    as JSON gives them back; the file list enters as a hash of the absolute paths."""
     listing = hashlib.sha256("\n".join(os.path.abspath(path) for path in paths).encode()).hexdigest()
-    return {"format": f"vizdeconv scan, chunks of {SCAN_CHUNK} files", "model": model, "weights": weights,
-            "device": device, "preprocessing": json.loads(json.dumps(preprocessing)), "layers": list(layers),
-            "channels": [list(c) for c in channels], "k": k, "decode": decode,
-            "files": f"{len(paths)} files, sha256 {listing[:16]}", "ranks": world}
+    return json.loads(json.dumps({
+        "format": f"vizdeconv scan, chunks of {SCAN_CHUNK} files", "model": model, "weights": weights,
+        "device": device, "preprocessing": preprocessing, "layers": layers, "channels": channels, "k": k,
+        "decode": decode, "files": f"{len(paths)} files, sha256 {listing[:16]}", "ranks": world}))
 
 
 def save_state(path: Path, state: ScanState) -> None:

@@ -143,19 +143,19 @@ def project_hits(deconvnets: Sequence[Deconvnet], found: Sequence[dict[int, list
     projections at layer i)`` for the pairs asked for, images in path order. Images are read again
     (the scan kept none), with the scan's decoder; one that no longer loads goes to ``failures``.
     """
+    def asked(i: int, hit: Hit) -> bool:
+        return only is None or (i, hit.channel) in only
+
     model = deconvnets[0].model
-    every: dict[Path, dict[int, list[Hit]]] = defaultdict(lambda: defaultdict(list))
+    every: dict[Path, dict[int, list[Hit]]] = defaultdict(lambda: defaultdict(list))  # image → layer → its hits
     for i, layer_found in enumerate(found):
-        for channel, channel_hits in layer_found.items():
-            for hit in channel_hits:
-                every[hit.image][i].append(hit)
-    asked = {path: {i for i, hits_here in layers.items() if only is None or any((i, h.channel) in only for h in hits_here)}
-             for path, layers in every.items()}
-    paths = sorted(path for path, layers in asked.items() if layers)
+        for hit in (hit for channel_hits in layer_found.values() for hit in channel_hits):
+            every[hit.image][i].append(hit)
+    paths = sorted(path for path, layers in every.items() if any(asked(i, hit) for i in layers for hit in layers[i]))
     for batch in model.read(paths, failures, batch_size=batch_size, decode=decode):
         for path, image in zip(batch.paths, batch.images):
-            for i in sorted(asked[path]):
-                forward = deconvnets[i].forward(image[None].to(model.device))
-                (projections,) = deconvnets[i].project_hits(forward, [every[path][i]])
-                kept = [p for p in projections if only is None or (i, p.hit.channel) in only]
-                yield i, ImageProjections(path, image.cpu(), kept)
+            for i, image_hits in sorted(every[path].items()):
+                if any(asked(i, hit) for hit in image_hits):
+                    forward = deconvnets[i].forward(image[None].to(model.device))
+                    (projections,) = deconvnets[i].project_hits(forward, [image_hits])
+                    yield i, ImageProjections(path, image.cpu(), [p for p in projections if asked(i, p.hit)])

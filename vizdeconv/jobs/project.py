@@ -134,23 +134,9 @@ class ProjectJob:
                                  preprocessing=[model.input_size, model.mean, model.std],
                                  layers=[layer.name for layer in self.layers], channels=self.channels, k=self.k,
                                  decode=self.decode, paths=images, world=ranks.world)
-        if self.restart:
-            ranks.barrier()  # every rank has started: none is still reading a checkpoint
-            if ranks.main:
-                shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
-            ranks.barrier()
         state = self.out / CHECKPOINTS / f"rank{ranks.rank}.safetensors"
-        try:
-            resumed, problem = load_state(state, settings), None
-        except SettingsChanged as error:
-            resumed, problem = None, str(error)
-        answers = ranks.gather((problem, settings["files"]))
-        if len({files for _, files in answers}) > 1:
-            problem = f"the ranks found different files ({', '.join(files for _, files in answers)}); they need the same"
-        problem = problem or next((p for p, _ in answers if p), None)  # every rank stops if any must
-        if problem:
-            raise SettingsChanged(problem)
-        tops = [TopK(channels, self.k, model.device) for channels in self.channels]
+        resumed = self._resume(state, settings, ranks)
+        tops = self._empty_tops()
         failures, done = [], 0
         if resumed:
             for top, columns in zip(tops, resumed.columns):
@@ -180,10 +166,37 @@ class ProjectJob:
         progress(scanning, files, files)
         return [top.columns() for top in tops], failures
 
+    def _resume(self, state: Path, settings: dict, ranks: distributed.Ranks) -> ScanState | None:
+        """This rank's checkpoint, if it has one (none after ``--restart``).
+
+        Raises:
+            SettingsChanged: on every rank, when any rank's checkpoint is from other settings or
+                the ranks found different files.
+        """
+        if self.restart:
+            ranks.barrier()  # every rank has started: none is still reading a checkpoint
+            if ranks.main:
+                shutil.rmtree(state.parent, ignore_errors=True)
+            ranks.barrier()
+        try:
+            resumed, problem = load_state(state, settings), None
+        except SettingsChanged as error:
+            resumed, problem = None, str(error)
+        answers = ranks.gather((problem, settings["files"]))
+        if len({files for _, files in answers}) > 1:
+            problem = f"the ranks found different files ({', '.join(files for _, files in answers)}); they need the same"
+        problem = problem or next((p for p, _ in answers if p), None)  # every rank stops if any must
+        if problem:
+            raise SettingsChanged(problem)
+        return resumed
+
+    def _empty_tops(self) -> list[TopK]:
+        return [TopK(channels, self.k, self.model.device) for channels in self.channels]
+
     def _merge(self, contributions: list[tuple[list[dict[str, torch.Tensor]], list[ImageError]]]
                ) -> tuple[list[TopK], list[ImageError]]:
         """Every rank's top-k folded into one per layer, and every rank's failed files in path order."""
-        tops = [TopK(channels, self.k, self.model.device) for channels in self.channels]
+        tops = self._empty_tops()
         for columns, _ in contributions:
             for top, layer_columns in zip(tops, columns):
                 top.fold(**layer_columns)
