@@ -225,14 +225,11 @@ class _DeviceDecoder:
             return []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 defers to TorchCodec
-            try:
-                return decode_jpeg(jpegs, mode=self.mode, device=self.device)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except RuntimeError:
-                return [self._decode_one(data) for data in jpegs]
+            batch = self._decoded(jpegs)
+            return batch if batch is not None else [self._decoded(data) for data in jpegs]
 
-    def _decode_one(self, data: torch.Tensor) -> torch.Tensor | None:
+    def _decoded(self, data: torch.Tensor | list[torch.Tensor]):
+        """``decode_jpeg``'s result, or None where the decoder refuses (running out of memory is no refusal)."""
         try:
             return decode_jpeg(data, mode=self.mode, device=self.device)
         except torch.cuda.OutOfMemoryError:
