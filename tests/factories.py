@@ -1,10 +1,17 @@
-"""Small models the tests (and `--model factories:NAME` in CLI tests) share."""
+"""Small models the tests (and `--model factories:NAME` in CLI tests) share, and the sample folders."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vizdeconv.embedded import sample_folder
+
+FASHION = sample_folder()  # the embedded model's shipped samples (sample_images/fashion-mnist links there)
+PHOTOS = Path(__file__).resolve().parent.parent / "sample_images" / "photos"
 
 
 class Functional(nn.Module):

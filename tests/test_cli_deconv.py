@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from factories import FASHION
 from oracles import graph_oracle, oracle
 
 from vizdeconv.cli import main
@@ -17,7 +18,6 @@ from vizdeconv.layers import trace_layers
 from vizdeconv.models import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
-FASHION = ROOT / "sample_images" / "fashion-mnist"
 FACTORY = ("--model", "factories:functional", "--input-size", "20")
 
 

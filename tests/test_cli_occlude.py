@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from factories import FASHION
 
 from vizdeconv.cli import main
 
-FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
 
 
 def test_occlude_command_batch_run_resumes(tmp_path):

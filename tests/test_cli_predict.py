@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 from click.testing import CliRunner
+from factories import FASHION
 
 from vizdeconv.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-FASHION = ROOT / "sample_images" / "fashion-mnist"
 
 
 def run(*args):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from factories import FASHION
 
 from vizdeconv.cli import main
 
-FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
 
 
 @pytest.fixture()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from click.testing import CliRunner
+from factories import FASHION
 
 from vizdeconv.cli import main
 
-FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
 
 
 def run(*args):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
+from factories import FASHION
 
 from vizdeconv.errors import VizDeconvError
 from vizdeconv.jobs.deconv import DeconvJob
@@ -16,7 +16,6 @@ from vizdeconv.jobs.predict import PredictJob
 from vizdeconv.jobs.project import ProjectJob
 from vizdeconv.occlusion import OcclusionMaps
 
-FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
 FEW = ["test00000_ankle-boot.png", "test00001_pullover.png", "test00008_sandal.png", "test00023_ankle-boot.png"]
 
 

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import PHOTOS
 
 from vizdeconv.errors import ModelError
 from vizdeconv.images import load_image
 from vizdeconv.lite0 import EfficientNetLite0, SamePadConv2d, same_pads
 from vizdeconv.models import load_model
 
-PHOTOS = Path(__file__).resolve().parent.parent / "sample_images" / "photos"
 
 
 def test_same_padding_by_hand():

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from factories import FASHION
 from oracles import Residual, occlusion_spec, point_output, wrap
 from PIL import Image
 from torch import nn
@@ -26,7 +26,6 @@ from vizdeconv.occlusion import (
     parse_target,
 )
 
-FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
 
 
 def test_corners_by_hand():

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from factories import FASHION
 
 from vizdeconv.jobs.occlude import OcclusionJob
 from vizdeconv.jobs.project import ProjectJob
 from vizdeconv.resume import SettingsChanged
 from vizdeconv.topk import TopK, project_hits
 
-FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
 BIN = Path(sys.executable).parent
 
 

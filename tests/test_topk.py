@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import FASHION
 from oracles import graph_oracle, oracle, point_output
 from PIL import Image
 
@@ -16,7 +17,6 @@ from vizdeconv.images import find_images, load_image
 from vizdeconv.layers import trace_layers
 from vizdeconv.topk import TopK, chunk_count, hits, parse_channels, project_hits, scan
 
-FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
 
 
 @pytest.fixture()
