@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_scan import PHOTOS, random_alexnet
+from bench_scan import PHOTOS, random_alexnet, scan_timer
 
 from vizdeconv.images import find_images
 from vizdeconv.jobs.project import ProjectJob
@@ -48,13 +48,7 @@ def make_jpeg(job: tuple[Path, int]) -> None:
 def timed_scan(model, folder: Path, workers: int, batch_size: int, decode: str, channels: str = "0-15",
                layers: str = "1-5") -> tuple[float, float, list]:
     """Seconds of the scan stage and of the whole job, and the reports."""
-    times = {}
-
-    def progress(stage: str, done: int, total: int | None) -> None:
-        if stage.startswith("scanning"):
-            times.setdefault("start", time.perf_counter())
-            times["end"] = time.perf_counter()
-
+    times, progress = scan_timer()
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         reports = ProjectJob(model, layers, channels=channels, out=out, batch_size=batch_size, workers=workers,

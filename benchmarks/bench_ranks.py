@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_scan import PHOTOS, make_folder, random_alexnet
+from bench_scan import PHOTOS, make_folder, random_alexnet, scan_timer
 
 from vizdeconv import distributed
 from vizdeconv.jobs.project import CHECKPOINT_SECONDS, ProjectJob
@@ -32,18 +32,6 @@ from vizdeconv.images import find_images
 from vizdeconv.topk import TopK, chunk_count, scan
 
 BIN = Path(sys.executable).parent
-
-
-def scan_timer() -> tuple[dict, callable]:
-    """A progress callback that notes when the scan stage starts and ends."""
-    times = {}
-
-    def progress(stage: str, done: int, total: int | None) -> None:
-        if stage.startswith("scanning"):
-            times.setdefault("start", time.perf_counter())
-            times["end"] = time.perf_counter()
-
-    return times, progress
 
 
 def rank_child(folder: str, out: str) -> None:

@@ -57,6 +57,18 @@ def random_alexnet(device: str = "cpu") -> LoadedModel:
     return LoadedModel.from_module(torchvision.models.alexnet(), 224, name="alexnet", device=device)
 
 
+def scan_timer() -> tuple[dict, callable]:
+    """A progress callback that notes when the scan stage starts and ends."""
+    times = {}
+
+    def progress(stage: str, done: int, total: int | None) -> None:
+        if stage.startswith("scanning"):
+            times.setdefault("start", time.perf_counter())
+            times["end"] = time.perf_counter()
+
+    return times, progress
+
+
 def deconvnet_at(model: LoadedModel, spec) -> Deconvnet:
     layers = trace_layers(model)
     return Deconvnet(model, layers, layers.layer(spec), rule="deconvnet")
