@@ -312,10 +312,9 @@ def occlude_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int,
     resumed = sum(result.resumed for result in done.results)
     if resumed and distributed.current().main:
         err.print(f"{resumed} images already done in {escape(str(done.folder))}, skipped")
-    for result in done.results:
+    for result, row in zip(done.results, done.rows):
         if result.resumed:
             continue
-        row = job.summary_row(result)
         _say(f"{escape(str(result.image))}: {escape(row['target_name'])} p={float(row['prob_clean']):.3f}, lowest "
              f"{float(row['prob_min']):.3f} with the square at ({row['prob_min_y']}, {row['prob_min_x']})"
              + (f", often {escape(row['other_name'])}" if row["other_name"] else ""))

@@ -19,8 +19,8 @@ PANEL = 192
 BOX_COLOUR = (255, 40, 40)
 CONTRAST = 0.99  # quantile of |p| shown at full brightness (Captum's visualisation clips 2 %)
 DISPLAY = ("projections scaled symmetrically around zero (zero is mid-grey), each on its own: 0.5 + 0.5·p/s clipped, "
-           "s the 99th percentile of its nonzero |p|; top-k tiles show the unit's receptive field (the whole image "
-           "along an axis where the field covers it), grey where the field reaches past the image")
+           f"s the {round(100 * CONTRAST)}th percentile of its nonzero |p|; top-k tiles show the unit's receptive "
+           "field (the whole image along an axis where the field covers it), grey where the field reaches past the image")
 
 
 def input_to_image(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> Image.Image:

@@ -89,9 +89,10 @@ class DeconvJob:
                  "projections scaled symmetrically around 0")
         figure = save_png(folder / f"{slug}.png",
                           figures.deconv_figure(self.model, title, result.input, result.projections))
+        picture = result.input.numpy().astype(np.float32)
         arrays = [save_npz(
             folder / f"{slug}_ch{p.hit.channel:03d}.npz", projection=p.pixels.numpy().astype(np.float32),
-            input=result.input.numpy().astype(np.float32), layer=np.int64(layer.number or 0),
+            input=picture, layer=np.int64(layer.number or 0),
             module=np.str_(layer.name), rule=np.str_(self.rule), channel=np.int64(p.hit.channel),
             position=np.array(p.hit.position, dtype=np.int64), value=np.float32(p.hit.value),
             box=np.array(p.hit.box, dtype=np.int64)) for p in result.projections]

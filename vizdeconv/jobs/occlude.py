@@ -44,11 +44,13 @@ class ImageOcclusion:
 
 @dataclass(frozen=True)
 class OcclusionReport:
-    """What an ``OcclusionJob`` run covers: every image's maps (done now or resumed), by path, and the failures."""
+    """What an ``OcclusionJob`` run covers: every image's maps (done now or resumed), by path, each one's
+    ``summary.csv`` row (``SUMMARY_COLUMNS``), and the failures."""
 
     folder: Path
     spec: OcclusionSpec
     results: list[ImageOcclusion]
+    rows: list[dict]
     failures: list[ImageError]
 
 
@@ -99,14 +101,14 @@ class OcclusionJob:
                 results[path] = results.get(path) or self._done(path, folders[path], resumed=False)
                 if results[path] is None and str(path) not in failed:
                     failures.append(ImageError(path, f"no maps in {folders[path]} (a rank stopped writing them?)"))
-            ordered = [results[path] for path in sorted(results) if results[path]]
-            rows = [self.summary_row(result) for result in ordered]
+        ordered = [results[path] for path in sorted(results) if results[path]]
+        rows = [self._summary_row(result) for result in ordered]
+        if ranks.main:
             write_atomic(folder / "summary.csv", lambda file: file.write(_summary_csv(rows)))
             self._save_index(folder, ordered, rows, failures)
             report.write_report(self.out)
         ranks.barrier()  # no rank leaves (and exits) before rank 0 has written
-        return OcclusionReport(folder, self.spec, [results[path] for path in sorted(results) if results[path]],
-                               failures)
+        return OcclusionReport(folder, self.spec, ordered, rows, failures)
 
     def _done(self, path: Path, folder: Path, *, resumed: bool = True) -> ImageOcclusion | None:
         """The image's maps for this spec on disk (from an earlier run, or another rank), if both its files
@@ -125,7 +127,7 @@ class OcclusionJob:
         forward = self.deconvnet.forward(image[None].to(self.model.device))
         return self.deconvnet.project(forward, strongest(forward.activations, channel=channel))[0].cpu()
 
-    def summary_row(self, result: ImageOcclusion) -> dict:
+    def _summary_row(self, result: ImageOcclusion) -> dict:
         """One ``summary.csv`` row: the lowest p(target) and where, and the most frequent other class."""
         maps = result.maps
         where = np.unravel_index(int(maps.prob_true.argmin()), maps.prob_true.shape)
