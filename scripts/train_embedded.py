@@ -3,6 +3,9 @@
     python scripts/train_embedded.py              # train, evaluate, write vizdeconv/data/
     python scripts/train_embedded.py --evaluate   # test accuracy of the shipped weights
 
+Training also keeps the weights after epochs 1, 2, 5, 10 and 25 (and the last) in fp16
+(``vizdeconv/data/zfmnist-epochs/``): the checkpoints that ``vizdeconv evolution`` shows by default.
+
 Data: Debian's package ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``),
 the IDX files under /usr/share/datasets/fashion-mnist.
 """
@@ -11,18 +14,19 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from vizdeconv.embedded import CARD_FILE, WEIGHTS_FILE, ZFMnist, load_embedded
+from vizdeconv.embedded import CARD_FILE, EPOCHS_FOLDER, WEIGHTS_FILE, ZFMnist, load_embedded
+from vizdeconv.outputs import save_json, write_atomic
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+KEPT_EPOCHS = (1, 2, 5, 10, 25)
 OUT_DIR = Path(__file__).resolve().parent.parent / "vizdeconv" / "data"
 CATEGORIES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -62,6 +66,15 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct / len(images)
 
 
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    write_atomic(path, lambda file: file.write(save({k: v.detach().contiguous() for k, v in state.items()})))
+
+
+def keep_checkpoint(model: torch.nn.Module, epoch: int, out_dir: Path) -> None:
+    """Half precision halves the package's size; the visualisations do not change visibly."""
+    save_weights({k: v.half() for k, v in model.state_dict().items()}, out_dir / EPOCHS_FOLDER / f"epoch{epoch}.safetensors")
+
+
 def train(data_dir: Path, epochs: int, seed: int, out_dir: Path) -> None:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -73,6 +86,8 @@ def train(data_dir: Path, epochs: int, seed: int, out_dir: Path) -> None:
     steps = epochs * (len(train_x) // batch)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=steps, pct_start=0.2)
+    for stale in (out_dir / EPOCHS_FOLDER).glob("epoch*.safetensors"):
+        stale.unlink()  # from a run with other epochs
     for epoch in range(epochs):
         model.train()
         start = time.time()
@@ -88,6 +103,8 @@ def train(data_dir: Path, epochs: int, seed: int, out_dir: Path) -> None:
         acc = accuracy(model, test_x, test_y, mean, std)
         print(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, test accuracy {acc:.4f}, {time.time() - start:.0f} s",
               flush=True)
+        if epoch + 1 in KEPT_EPOCHS or epoch + 1 == epochs:
+            keep_checkpoint(model, epoch + 1, out_dir)
     card = {
         "name": "zfmnist",
         "description": "ZFNet-shaped convnet (5 conv layers, overlapping 3/2 max-pooling) trained on Fashion-MNIST",
@@ -99,8 +116,8 @@ def train(data_dir: Path, epochs: int, seed: int, out_dir: Path) -> None:
         "trained_with": f"python scripts/train_embedded.py --epochs {epochs} --seed {seed}",
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
-    (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    save_weights(model.state_dict(), out_dir / WEIGHTS_FILE)
+    save_json(out_dir / CARD_FILE, card)
     print(f"wrote {out_dir / WEIGHTS_FILE} (test accuracy {acc:.4f})")
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 WEIGHTS_FILE = "zfmnist.safetensors"
 CARD_FILE = "zfmnist.json"
+EPOCHS_FOLDER = "zfmnist-epochs"
 
 
 class ZFMnist(nn.Module):
@@ -70,3 +71,9 @@ def load_embedded() -> ZFMnist:
 def sample_folder() -> Path:
     """The shipped Fashion-MNIST test images (two per class): default input of ``vizdeconv project``."""
     return Path(str(resources.files("vizdeconv.data").joinpath("fashion-mnist")))
+
+
+def epoch_checkpoints() -> Path:
+    """The embedded model's weights after epochs 1, 2, 5, 10 and 25 of its training (fp16): default
+    checkpoints of ``vizdeconv evolution``."""
+    return Path(str(resources.files("vizdeconv.data").joinpath(EPOCHS_FOLDER)))
