@@ -206,7 +206,7 @@ def _embedded(weights: str | os.PathLike | None) -> LoadedModel:
     card = load_card()
     module = load_embedded()
     if weights is not None:
-        _load_state_dict(module, weights)
+        load_weights(module, weights)
     channels, height, width = card["input_size"]
     preprocess = transforms.Compose([
         transforms.Grayscale(num_output_channels=channels),
@@ -221,7 +221,7 @@ def _embedded(weights: str | os.PathLike | None) -> LoadedModel:
 def _lite0(weights: str | os.PathLike | None) -> LoadedModel:
     module = lite0.EfficientNetLite0()
     path = lite0.packaged_weights() if weights is None else weights
-    _load_state_dict(module, path)
+    load_weights(module, path)
     preprocess = transforms.Compose([
         transforms.Resize(256, antialias=True),
         transforms.CenterCrop(lite0.INPUT_SIZE),
@@ -297,7 +297,7 @@ def _timm(name: str, weights: str | os.PathLike | None) -> LoadedModel:
         raise ModelError(f"cannot load timm's {what} {arch} "
                          f"({type(error).__name__}: {_one_line(error)}){hint}") from None
     if weights is not None:
-        _load_state_dict(module, weights)
+        load_weights(module, weights)
     source = f"timm {arch} pretrained" if weights is None else str(weights)
     config = timm.data.resolve_data_config({}, model=module)
     categories = _imagenet_categories() if module.num_classes == 1000 else tuple(map(str, range(module.num_classes)))
@@ -339,7 +339,7 @@ def _factory(name: str, weights, input_size, mean, std) -> LoadedModel:
     if not isinstance(module, nn.Module):
         raise ModelError(f"{name} returned {type(module).__name__}, expected a torch.nn.Module")
     if weights is not None:
-        _load_state_dict(module, weights)
+        load_weights(module, weights)
     mean, std = tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD)
     if len(mean) != len(std) or len(mean) not in (1, 3):  # image files are read as grey or RGB
         raise ModelError(f"mean and std need 1 or 3 values each, got {len(mean)} and {len(std)}")
@@ -390,7 +390,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         what = f"it pickles {found.group(1)}" if found else "it pickles objects other than tensors"
         raise UnsafeCheckpointError(f"{path}: refused, {what}, which could run arbitrary code; "
                                     "save a state_dict (torch.save(model.state_dict(), …)) or .safetensors") from None
-    except (OSError, RuntimeError, SafetensorError, EOFError, ValueError) as error:
+    except (OSError, RuntimeError, SafetensorError, EOFError, ValueError, KeyError, IndexError) as error:
+        # (KeyError, IndexError: torch's legacy unpickler on a corrupt file)
         raise ModelError(f"{path}: not a readable checkpoint ({error})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -400,7 +401,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _load_state_dict(module: nn.Module, path: str | os.PathLike) -> None:
+def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
+    """Load the state_dict in ``path`` (``read_state_dict``) into ``module``, in place.
+
+    Raises:
+        ModelError: the file is missing, unsafe, or does not fit the module (the message names it).
+    """
     _fit(module, read_state_dict(path), str(path))
 
 
