@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from factories import FASHION
 
-from vizdeconv.errors import VizDeconvError
+from vizdeconv.errors import ImageError, VizDeconvError
+from vizdeconv.jobs import save_manifest
 from vizdeconv.jobs.deconv import DeconvJob
 from vizdeconv.jobs.occlude import OcclusionJob
 from vizdeconv.jobs.predict import PredictJob
@@ -140,3 +141,17 @@ def test_a_rerun_leaves_no_figures_of_the_channels_it_no_longer_covers(embedded,
 def test_deconv_job_refuses_a_top_that_would_do_nothing(embedded):
     with pytest.raises(VizDeconvError, match="with a channel given there is only that one"):
         DeconvJob(embedded, 5, top=3, channel=2)
+
+
+def test_a_manifest_keeps_earlier_figures_that_are_still_there(tmp_path):
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"png")
+    save_manifest(tmp_path, "filters", "t", [{"png": "a.png", "caption": "old a"}, {"png": "b.png"},
+                                             {"png": "gone.png"}], [])
+    (tmp_path / "c.png").write_bytes(b"png")
+    save_manifest(tmp_path, "filters", "t", [{"png": "c.png"}, {"png": "a.png", "caption": "new a"}],
+                  [ImageError(tmp_path / "x.png", "broken")])
+    index = json.loads((tmp_path / "index.json").read_text())
+    # a replaced, b kept, gone.png dropped (its file is not there), c added; in file order
+    assert index["figures"] == [{"png": "a.png", "caption": "new a"}, {"png": "b.png"}, {"png": "c.png"}]
+    assert index["kind"] == "filters" and [f["reason"] for f in index["failed"]] == ["broken"]

@@ -14,6 +14,7 @@ benchmarks use the same jobs::
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 from vizdeconv.errors import ImageError, VizDeconvError
 from vizdeconv.images import Batch, find_images
 from vizdeconv.models import LoadedModel
-from vizdeconv.outputs import output_names
+from vizdeconv.outputs import output_names, save_json
 
 Progress = Callable[[str, int, "int | None"], None]
 """``progress(stage, done, total)``: called as work advances; ``total`` None while unknown."""
@@ -84,3 +85,18 @@ def find_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Im
     if not images and not failures:
         raise VizDeconvError("no image files found in " + ", ".join(paths))
     return images, failures
+
+
+def save_manifest(folder: Path, kind: str, title: str, figures: list[dict], failures: list[ImageError]) -> Path:
+    """``folder/index.json`` for the report: ``figures`` (each with its ``png`` relative to ``folder``)
+    merged with an earlier run's figures whose PNG is still there, and this run's failed files."""
+    index = folder / "index.json"
+    made = {figure["png"] for figure in figures}
+    try:
+        earlier = json.loads(index.read_text())["figures"]
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = []  # none yet, or not ours: this run's figures start a new list
+    kept = [f for f in (earlier if isinstance(earlier, list) else []) if isinstance(f, dict)
+            and isinstance(f.get("png"), str) and f["png"] not in made and (folder / f["png"]).is_file()]
+    return save_json(index, {"kind": kind, "title": title, "figures": sorted(kept + figures, key=lambda f: f["png"]),
+                             "failed": [failure.to_json() for failure in failures]})

@@ -6,7 +6,6 @@ Layout under ``OUT/deconv``: ``<image>/<layer>.png`` (one row per projection) an
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,10 +16,10 @@ import numpy as np
 from vizdeconv import figures, report
 from vizdeconv.deconvnet import Deconvnet, ImageProjections
 from vizdeconv.errors import ImageError, VizDeconvError
-from vizdeconv.jobs import Progress, find_outputs, no_progress, reading
+from vizdeconv.jobs import Progress, find_outputs, no_progress, reading, save_manifest
 from vizdeconv.layers import Hit, Layer, trace_layers
 from vizdeconv.models import LoadedModel
-from vizdeconv.outputs import save_json, save_npz, save_png
+from vizdeconv.outputs import save_npz, save_png
 
 FOLDER = "deconv"
 
@@ -104,16 +103,7 @@ class DeconvJob:
     def _save_index(self, folder: Path, results: list[DeconvResult], failures: list[ImageError]) -> None:
         """``index.json``: this run's figures merged with earlier runs' figures that are still there,
         and this run's failed files."""
-        index = folder / "index.json"
-        figures_now = {r.figure.relative_to(folder).as_posix(): r for r in results}
-        try:
-            earlier = json.loads(index.read_text())["figures"]
-        except (OSError, ValueError, KeyError, TypeError):
-            earlier = []  # none yet, or not ours: this run's figures start a new list
-        kept = [f for f in (earlier if isinstance(earlier, list) else []) if isinstance(f, dict)
-                and isinstance(f.get("png"), str) and f["png"] not in figures_now and (folder / f["png"]).is_file()]
-        made = [{"png": png, "image": os.path.abspath(r.image), "model": self.model.name, "layer": self.layer.number,
-                 "module": self.layer.name, "label": self.layer.label, "rule": self.rule,
-                 "hits": [hit.to_json() for hit in r.hits]} for png, r in figures_now.items()]
-        save_json(index, {"kind": "deconv", "figures": sorted(kept + made, key=lambda f: f["png"]),
-                          "failed": [failure.to_json() for failure in failures]})
+        save_manifest(folder, "deconv", "Deconv projections", [
+            {"png": r.figure.relative_to(folder).as_posix(), "image": os.path.abspath(r.image), "model": self.model.name,
+             "layer": self.layer.number, "module": self.layer.name, "label": self.layer.label, "rule": self.rule,
+             "hits": [hit.to_json() for hit in r.hits]} for r in results], failures)
