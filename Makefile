@@ -15,13 +15,16 @@ $(READY): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(READY)
 
-# the main job (top-9 grids of layer 5), then occlusion and deconv figures of four samples: one report over all three
+# the main job (top-9 grids of layer 5), then occlusion and deconv figures of four samples, the first
+# layer's filter sheet and the features' evolution over training: one report over all of them
 demo: $(READY)
 	$(BIN)/vizdeconv project --layer 5
 	$(BIN)/vizdeconv occlude $(SAMPLES)/test00000_ankle-boot.png $(SAMPLES)/test00001_pullover.png \
 		$(SAMPLES)/test00008_sandal.png $(SAMPLES)/test00023_ankle-boot.png
 	$(BIN)/vizdeconv deconv $(SAMPLES)/test00000_ankle-boot.png $(SAMPLES)/test00001_pullover.png \
 		$(SAMPLES)/test00008_sandal.png $(SAMPLES)/test00023_ankle-boot.png --layer 5 --top 3
+	$(BIN)/vizdeconv filters --images $(SAMPLES)
+	$(BIN)/vizdeconv evolution
 
 test: $(READY)
 	$(BIN)/python -m pytest -q

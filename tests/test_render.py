@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vizdeconv import render
@@ -140,3 +141,16 @@ def test_fit_text_cuts_the_longest_prefix_that_fits_with_an_ellipsis(width):
     fitting = [n for n in range(len(text) + 1) if face.getlength(text[:n] + "…") <= width]
     assert render.fit_text(text, width) == text[:max(fitting)] + "…"
     assert face.getlength(render.fit_text(text, width)) <= width
+
+
+def test_filter_tiles_show_weights_around_grey_and_norms_from_black():
+    """One input channel: 0.5 + 0.5·w/max|w| per pixel, enlarged by a whole factor; four channels: the
+    norm over channels per tap, divided by its largest."""
+    weight = torch.tensor([[[1.0, -1.0], [0.0, 0.5]]])
+    tile = render.filter_tile(weight, 64)
+    assert tile.size == (64, 64)
+    expected = np.round(255 * (0.5 + 0.5 * weight[0].numpy()) + 1e-9).astype(int)  # 255, 0, 128, 191
+    assert np.array(tile)[::32, ::32, 0].tolist() == expected.tolist()
+    channels = torch.tensor([3.0, 4.0, 0.0, 0.0])[:, None, None] * torch.tensor([[1.0, 0.5]])
+    grey = np.array(render.filter_tile(channels, 10))[::5, ::5, 0]
+    assert grey.tolist() == [[255, 128]]  # norms 5 and 2.5

@@ -7,6 +7,7 @@ Notebook use: the commands as jobs (each writes its figures under ``out`` and re
     model = vd.load_model("efficientnet_lite0")   # or "embedded", "resnet50", "timm:NAME", vd.LoadedModel.from_module(…)
     (top,) = vd.ProjectJob(model, "_blocks.9", channels="0-7", k=4).run(["photos/"])  # one report per layer
     maps = vd.OcclusionJob(model, size=32, stride=16).run(["photos/cat.jpg"])
+    sheet = vd.FiltersJob(model, 1).run(["photos/"])            # filter diagnostics (Fig. 6)
 
 and the deconvnet itself on a preprocessed ``(N, C, H, W)`` batch::
 
@@ -24,9 +25,12 @@ from vizdeconv.errors import (
     UnsafeCheckpointError,
     VizDeconvError,
 )
+from vizdeconv.filters import FilterStats
 from vizdeconv.graph import Field, Graph, Point, trace
 from vizdeconv.images import find_images, load_image, read_batches
 from vizdeconv.jobs.deconv import DeconvJob, DeconvReport, DeconvResult
+from vizdeconv.jobs.evolution import EvolutionJob, EvolutionReport
+from vizdeconv.jobs.filters import FiltersJob, FiltersReport
 from vizdeconv.jobs.occlude import ImageOcclusion, OcclusionJob, OcclusionReport
 from vizdeconv.jobs.predict import Prediction, PredictJob, PredictReport
 from vizdeconv.jobs.project import ProjectJob, TopKReport
@@ -40,7 +44,8 @@ from vizdeconv.switches import Forward, PointRecorder, SwitchRecorder
 from vizdeconv.topk import TopK, hits, project_hits, scan
 
 __all__ = [
-    "OPS", "DeconvJob", "DeconvReport", "DeconvResult", "Deconvnet", "Field", "Forward", "Graph", "Hit",
+    "OPS", "DeconvJob", "DeconvReport", "DeconvResult", "Deconvnet", "EvolutionJob", "EvolutionReport", "Field",
+    "FilterStats", "FiltersJob", "FiltersReport", "Forward", "Graph", "Hit",
     "ImageError", "ImageOcclusion", "ImageProjections", "Layer", "LayerError", "Layers", "LoadedModel", "ModelError",
     "OcclusionJob", "OcclusionMaps", "OcclusionReport", "OcclusionSpec", "Op", "Point", "PointRecorder",
     "PredictJob", "PredictReport", "Prediction", "ProjectJob", "Projection", "SwitchRecorder", "TopK", "TopKReport",

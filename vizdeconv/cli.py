@@ -30,6 +30,8 @@ from vizdeconv import distributed, ops
 from vizdeconv.errors import ImageError, VizDeconvError
 from vizdeconv.jobs import no_progress, read_list
 from vizdeconv.jobs.deconv import DeconvJob
+from vizdeconv.jobs.evolution import EvolutionJob
+from vizdeconv.jobs.filters import FiltersJob
 from vizdeconv.jobs.occlude import OcclusionJob
 from vizdeconv.jobs.predict import PredictJob
 from vizdeconv.jobs.project import ProjectJob, default_images
@@ -319,6 +321,54 @@ def occlude_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int,
              f"{float(row['prob_min']):.3f} with the square at ({row['prob_min_y']}, {row['prob_min_x']})"
              + (f", often {escape(row['other_name'])}" if row["other_name"] else ""))
     _finish(len(done.results), done.failures, f"images with occlusion maps in {escape(str(done.folder))}", out_dir)
+
+
+@main.command("filters")
+@model_options
+@batch_size_option
+@click.option("--layer", "layer_spec", default="1", show_default=True,
+              help="Layer number (its conv's filters) or a Conv2d module name.")
+@click.option("--images", "folders", multiple=True,
+              help="Image folder or file (repeatable): also how often each filter fires; one that never does is dead.")
+@out_option
+def filters_command(model: LoadedModel, batch_size: int, layer_spec: str, folders: tuple[str, ...],
+                    out_dir: Path) -> None:
+    """Filter sheet and diagnostics (paper Fig. 6): dead filters, frequency bands, aliasing, RMS (into OUT/filters)."""
+    job = FiltersJob(model, layer_spec, out=out_dir, batch_size=batch_size)
+    with progress_bars() as bars:
+        done = job.run(folders, progress=bars)
+    _say(f"{escape(done.layer.label)}: {escape(FiltersJob.caption(done.summary))} → {escape(str(done.figure))}, "
+         f"{escape(done.data.name)}")
+    if folders:
+        _finish(done.summary["images"], done.failures, "images measured", out_dir)
+
+
+@main.command("evolution")
+@model_options
+@batch_size_option
+@click.argument("checkpoints", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--layer", "layer_spec", help="Layer number, module name, or several: 1-5, 1,3 "
+              "[default: every numbered layer].")
+@click.option("--channels", "channel_spec", help="Channels to follow, e.g. 0-7,12 [default: the first 8].")
+@rule_option
+@click.option("--images", "folders", multiple=True, help="Image folder or file (repeatable). Default for the "
+              "embedded model: its shipped Fashion-MNIST samples.")
+@out_option
+def evolution_command(model: LoadedModel, batch_size: int, checkpoints: tuple[Path, ...], layer_spec: str | None,
+                      channel_spec: str | None, rule: str, folders: tuple[str, ...], out_dir: Path) -> None:
+    """Features forming over training (paper Fig. 4): each channel's strongest activation, projected, per checkpoint.
+
+    CHECKPOINTS are weights files in order, or folders of them (sorted naturally: epoch2 before
+    epoch10); default for the embedded model: its shipped epochs 1, 2, 5, 10 and 25.
+    """
+    job = EvolutionJob(model, checkpoints, layer_spec, channels=channel_spec, rule=rule, out=out_dir,
+                       batch_size=batch_size)
+    with progress_bars() as bars:
+        reports = job.run(folders, progress=bars)
+    for done in reports:
+        _say(f"{escape(done.layer.label)}: {len(done.projections)} channels at {len(done.checkpoints)} checkpoints "
+             f"({escape(', '.join(done.checkpoints))}) → {escape(str(done.figure))}")
+    _finish(reports[0].scanned, reports[0].failures, "images scanned", out_dir)
 
 
 @main.command("report")

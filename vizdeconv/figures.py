@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from vizdeconv import render
 from vizdeconv.deconvnet import Projection
+from vizdeconv.filters import FilterStats
 from vizdeconv.layers import Layer
 from vizdeconv.models import LoadedModel
 from vizdeconv.occlusion import OcclusionMaps
@@ -158,3 +159,90 @@ def legend(model: LoadedModel, top_class: np.ndarray) -> Image.Image:
     draw.text((4, render.PANEL - 34), "(b), (d): low", fill="black", font=render.font(12))
     draw.text((render.PANEL - 4, render.PANEL - 34), "high", fill="black", font=render.font(12), anchor="ra")
     return panel
+
+
+FILTER_TILE = 64  # display side of a filter and of its spectrum
+FLAG_COLOUR = (200, 30, 30)  # dead or aliased: the defects ZF fixed
+NOTE_COLOUR = (213, 94, 0)  # over the renormalisation radius: a training setting, not a defect
+
+
+def filter_sheet(title: str, notes: Sequence[str], weight: torch.Tensor, spectra: torch.Tensor,
+                 stats: Sequence[FilterStats], stride: tuple[int, int]) -> Image.Image:
+    """Paper Fig. 6 with spectra: each filter (``render.filter_tile``) beside its magnitude spectrum
+    (DC at the centre, ±0.5 cycles per pixel at the edges, a white box at the stride's Nyquist
+    frequency), captioned with its RMS; dead and aliased filters framed in red, and their flags named."""
+    count = len(stats)
+    columns = min(16, max(8, math.ceil(math.sqrt(count))))
+    cell_w, cell_h = 2 * FILTER_TILE + 3 * GAP, FILTER_TILE + 2 * CAPTION + 2 * GAP
+    top = MARGIN + 22 + 17 * len(notes) + GAP
+    rows = -(-count // columns)
+    width = max(columns * cell_w, *(math.ceil(render.font(13).getlength(n)) for n in notes),
+                math.ceil(render.font(15).getlength(title)))
+    sheet = Image.new("RGB", (2 * MARGIN + width, top + rows * cell_h + MARGIN), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((MARGIN, MARGIN), title, fill="black", font=render.font(15))
+    for i, note in enumerate(notes):
+        draw.text((MARGIN, MARGIN + 22 + 17 * i), note, fill=(60, 60, 60), font=render.font(13))
+    side = spectra.shape[-1]
+    box = [(side / 2 - side / (2 * s), side / 2 + side / (2 * s)) for s in stride]  # |f| <= Nyquist, shifted
+    for stat in stats:
+        left, upper = MARGIN + (stat.filter % columns) * cell_w, top + (stat.filter // columns) * cell_h
+        tile = render.filter_tile(weight[stat.filter], FILTER_TILE)
+        magnitude = torch.fft.fftshift(spectra[stat.filter].sqrt()).numpy()
+        spectrum = render.heatmap(magnitude, 0.0, float(magnitude.max()))
+        if stride != (1, 1):
+            ImageDraw.Draw(spectrum).rectangle([box[1][0], box[0][0], box[1][1], box[0][1]], outline="white")
+        spectrum = spectrum.resize((FILTER_TILE, FILTER_TILE), Image.NEAREST)
+        flags = [name for name, on in (("dead", stat.dead), (f"alias {stat.aliasing or 0:.0%}", stat.aliased)) if on]
+        draw.rectangle([left, upper, left + cell_w - GAP, upper + FILTER_TILE + 1], outline=FLAG_COLOUR if flags else FRAME,
+                       width=2 if flags else 1)
+        sheet.paste(tile, (left + 2 + (FILTER_TILE - tile.width) // 2, upper + 2 + (FILTER_TILE - tile.height) // 2))
+        sheet.paste(spectrum, (left + FILTER_TILE + 2 * GAP, upper + 1))
+        draw.text((left, upper + FILTER_TILE + 3), f"#{stat.filter} rms {stat.rms:.3f}", fill="black",
+                  font=render.font(12))
+        flagged = render.fit_text(" ".join(flags), cell_w - GAP)
+        line = upper + FILTER_TILE + 3 + CAPTION
+        draw.text((left, line), flagged, fill=FLAG_COLOUR, font=render.font(12))
+        if stat.renormalise:
+            after = render.font(12).getlength(flagged + " ") if flagged else 0
+            draw.text((left + after, line), "rms>0.1", fill=NOTE_COLOUR, font=render.font(12))
+    return sheet
+
+
+def evolution_figure(model: LoadedModel, layer: Layer, title: str, checkpoints: Sequence[str],
+                     projections: dict[int, Sequence[Projection | None]]) -> Image.Image:
+    """Paper Fig. 4: one row per channel (labelled on the left), one column per checkpoint (named on
+    top); each cell the projection as a tile of the unit's field, captioned with its activation and
+    image, or an empty frame where the channel never fired."""
+    height, width = model.input_size[1:]
+    size = render.tile_size(render.display_window(layer.field.window(0, 0), height, width))
+    rows, labels = [], []
+    for channel, entries in projections.items():
+        tiles, captions = [], []
+        for projection in entries:
+            if projection is None:
+                tiles.append(Image.new("RGB", size, "white"))
+                captions.append("never fires")
+                continue
+            hit = projection.hit
+            window = render.display_window(layer.field.window(*hit.position), height, width)
+            tiles.append(render.field_tile(render.projection_to_image(projection.pixels), window))
+            captions.append(f"{hit.value:.3g} {hit.image.stem}")
+        rows.append(_tile_block(tiles, captions, len(tiles)))
+        labels.append(f"ch {channel}")
+    label_w = max(math.ceil(render.font(13).getlength(label)) for label in labels) + 2 * GAP
+    cell_w = size[0] + 2 + GAP
+    top = MARGIN + 22 + 18
+    figure = Image.new("RGB", (2 * MARGIN + max(label_w + rows[0].width, math.ceil(render.font(15).getlength(title))),
+                               top + sum(row.height + GAP for row in rows) + MARGIN), "white")
+    draw = ImageDraw.Draw(figure)
+    draw.text((MARGIN, MARGIN), title, fill="black", font=render.font(15))
+    for column, name in enumerate(checkpoints):
+        draw.text((MARGIN + label_w + column * cell_w, MARGIN + 22), render.fit_text(name, cell_w - GAP),
+                  fill=(60, 60, 60), font=render.font(13))
+    upper = top
+    for label, row in zip(labels, rows):
+        draw.text((MARGIN, upper + size[1] // 2 - 6), label, fill="black", font=render.font(13))
+        figure.paste(row, (MARGIN + label_w, upper))
+        upper += row.height + GAP
+    return figure

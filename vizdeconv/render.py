@@ -179,3 +179,20 @@ def overlay(picture: Image.Image, cells: Image.Image, corners_y, corners_x, size
     canvas = picture.copy()
     canvas.paste(layer, (int(corners_x[0]) + (size - step_x) // 2, int(corners_y[0]) + (size - step_y) // 2))
     return Image.blend(picture, canvas, alpha)
+
+
+def filter_tile(weight: torch.Tensor, side: int) -> Image.Image:
+    """One ``(C, kh, kw)`` filter enlarged (nearest neighbour) to about ``side`` px, scaled on its own.
+
+    One or three input channels: the weights, grey or RGB, symmetric around zero (``0.5 + 0.5·w/max|w|``,
+    mid-grey = 0). Other counts: the L2 norm over the input channels at each tap, black = 0.
+    """
+    weight = weight.detach().cpu().float()
+    if weight.shape[0] in (1, 3):
+        pixels = 0.5 + 0.5 * weight / max(weight.abs().max().item(), 1e-12)
+    else:
+        norms = weight.norm(dim=0, keepdim=True)
+        pixels = norms / max(norms.max().item(), 1e-12)
+    image = _to_rgb(pixels)
+    scale = max(1, side // max(image.size))
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
