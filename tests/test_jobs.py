@@ -8,13 +8,16 @@ import shutil
 import numpy as np
 import pytest
 from factories import FASHION
+from oracles import wrap
+from torch import nn
 
 from vizdeconv.errors import ImageError, VizDeconvError
-from vizdeconv.jobs import save_manifest
+from vizdeconv.jobs import deconv, evolution, filters, occlude, save_manifest
 from vizdeconv.jobs.deconv import DeconvJob
 from vizdeconv.jobs.occlude import OcclusionJob
 from vizdeconv.jobs.predict import PredictJob
 from vizdeconv.jobs.project import ProjectJob
+from vizdeconv.layers import trace_layers
 from vizdeconv.occlusion import OcclusionMaps
 
 FEW = ["test00000_ankle-boot.png", "test00001_pullover.png", "test00008_sandal.png", "test00023_ankle-boot.png"]
@@ -155,3 +158,13 @@ def test_a_manifest_keeps_earlier_figures_that_are_still_there(tmp_path):
     # a replaced, b kept, gone.png dropped (its file is not there), c added; in file order
     assert index["figures"] == [{"png": "a.png", "caption": "new a"}, {"png": "b.png"}, {"png": "c.png"}]
     assert index["kind"] == "filters" and [f["reason"] for f in index["failed"]] == ["broken"]
+
+
+def test_no_layer_slug_can_take_a_job_folder():
+    """Project writes OUT/<layer slug>: a module named like another job's folder must not land in it."""
+    folders = {job.FOLDER for job in (deconv, evolution, filters, occlude)}
+    module = nn.Sequential()
+    for name in sorted(folders):
+        module.add_module(name, nn.Conv2d(1, 1, 1))
+    layers = trace_layers(wrap(module, (1, 4, 4)))
+    assert {layers.layer(name).slug for name in folders} == {f"module-{name}" for name in folders}

@@ -27,8 +27,9 @@ from vizdeconv.errors import LayerError
 from vizdeconv.graph import Graph, Point, trace
 from vizdeconv.hooks import Hooks
 from vizdeconv.models import LoadedModel
+from vizdeconv.outputs import JOB_FOLDERS
 
-RESERVED_SLUGS = re.compile(r"layer\d+|occlusion|deconv")  # numbered layers' slugs and the jobs' own folders
+RESERVED_SLUGS = re.compile("|".join([r"layer\d+", *JOB_FOLDERS]))  # numbered layers' slugs and the jobs' own folders
 # Ops the chain walk (deconvnet.walk) inverts on windows; anything else goes through autograd with rules.
 WALKED = frozenset({"relu", "relu6", "conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "batch_norm",
                     "local_response_norm", "dropout"})
@@ -223,13 +224,17 @@ class Layers:
     chain: Chain
 
     def numbered(self) -> list[Layer]:
+        return list(self._numbered)
+
+    @functools.cached_property
+    def _numbered(self) -> tuple[Layer, ...]:
         numbered = []
         for number, step, conv in self.chain.numbered():
             point = self._point_of(step)
             if point is None:  # no (C, H, W) output (after global pooling): numbers stop here
                 break
             numbered.append(self._layer(point, number, conv.name))
-        return numbered
+        return tuple(numbered)
 
     def layer(self, spec: int | str) -> Layer:
         """Resolve ``5``, ``"5"``, a module name (``layer3``, ``features.8``) or one call (``relu@2``).

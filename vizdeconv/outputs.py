@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+JOB_FOLDERS = ("occlusion", "deconv", "filters", "evolution")  # OUT/<folder> of the jobs other than project
+
 
 def write_atomic(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place."""
