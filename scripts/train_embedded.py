@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save
 
 from vizdeconv.embedded import CARD_FILE, EPOCHS_FOLDER, WEIGHTS_FILE, ZFMnist, load_embedded
-from vizdeconv.outputs import save_json, write_atomic
+from vizdeconv.outputs import save_json, save_safetensors
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 KEPT_EPOCHS = (1, 2, 5, 10, 25)
@@ -66,13 +65,10 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct / len(images)
 
 
-def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    write_atomic(path, lambda file: file.write(save({k: v.detach().contiguous() for k, v in state.items()})))
-
-
 def keep_checkpoint(model: torch.nn.Module, epoch: int, out_dir: Path) -> None:
     """Half precision halves the package's size; the visualisations do not change visibly."""
-    save_weights({k: v.half() for k, v in model.state_dict().items()}, out_dir / EPOCHS_FOLDER / f"epoch{epoch}.safetensors")
+    save_safetensors(out_dir / EPOCHS_FOLDER / f"epoch{epoch}.safetensors",
+                     {k: v.half() for k, v in model.state_dict().items()})
 
 
 def train(data_dir: Path, epochs: int, seed: int, out_dir: Path) -> None:
@@ -116,7 +112,7 @@ def train(data_dir: Path, epochs: int, seed: int, out_dir: Path) -> None:
         "trained_with": f"python scripts/train_embedded.py --epochs {epochs} --seed {seed}",
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(model.state_dict(), out_dir / WEIGHTS_FILE)
+    save_safetensors(out_dir / WEIGHTS_FILE, model.state_dict())
     save_json(out_dir / CARD_FILE, card)
     print(f"wrote {out_dir / WEIGHTS_FILE} (test accuracy {acc:.4f})")
 

@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from safetensors.torch import save
 
 JOB_FOLDERS = ("occlusion", "deconv", "filters", "evolution")  # OUT/<folder> of the jobs other than project
 
@@ -37,6 +39,12 @@ def save_png(path: str | os.PathLike, image: Image.Image) -> Path:
 
 def save_npz(path: str | os.PathLike, **arrays) -> Path:
     return write_atomic(path, lambda file: np.savez_compressed(file, **arrays))
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> Path:
+    data = save({name: tensor.detach().contiguous() for name, tensor in tensors.items()}, metadata)
+    return write_atomic(path, lambda file: file.write(data))
 
 
 def save_json(path: str | os.PathLike, data) -> Path:

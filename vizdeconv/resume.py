@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 
 from vizdeconv.errors import ImageError, VizDeconvError
-from vizdeconv.outputs import write_atomic
+from vizdeconv.outputs import save_safetensors
 from vizdeconv.topk import SCAN_CHUNK
 
 FOLDER = ".scan"
@@ -59,12 +58,10 @@ def scan_settings(*, model: str, weights: str, device: str, preprocessing: list,
 
 
 def save_state(path: Path, state: ScanState) -> None:
-    tensors = {f"{layer}.{key}": tensor.contiguous() for layer, columns in enumerate(state.columns)
-               for key, tensor in columns.items()}
+    tensors = {f"{layer}.{key}": tensor for layer, columns in enumerate(state.columns) for key, tensor in columns.items()}
     metadata = {"settings": json.dumps(state.settings), "chunks_done": str(state.chunks_done),
                 "failures": json.dumps([[str(f.path), f.reason] for f in state.failures])}
-    data = save(tensors, metadata)
-    write_atomic(path, lambda file: file.write(data))
+    save_safetensors(path, tensors, metadata)
 
 
 def load_state(path: Path, settings: dict) -> ScanState | None:
