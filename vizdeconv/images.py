@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -103,7 +104,10 @@ class Batch:
 
     paths: list[Path]
     images: torch.Tensor
-    done: int = 0
+    done: int
+
+
+JPEG_START = b"\xff\xd8"  # every JPEG file begins with the start-of-image marker
 
 
 @dataclass
@@ -122,18 +126,21 @@ def _jpeg_bytes(path: Path) -> torch.Tensor | None:
     where Pillow refuses it. Every other file takes the CPU path.
     """
     try:
+        with open(path, "rb") as file:
+            if file.read(2) != JPEG_START:
+                return None  # not a JPEG: left unread for the CPU path
+            data = bytearray(JPEG_START + file.read())  # read once: the header below, the bytes for the decoder
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 if not (image.format == "JPEG" and image.mode in ("RGB", "L")
                         and image.width * image.height <= MAX_PIXELS
                         and image.getexif().get(ExifTags.Base.Orientation, 1) == 1):
                     return None
-        data = path.read_bytes()
     except Exception:  # whatever it is, the CPU path meets it too and reports it as decode="cpu" does
         return None
     whole = b"\xff\xda" in data and data.endswith(b"\xff\xd9")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if whole else None
+    return torch.frombuffer(data, dtype=torch.uint8) if whole else None
 
 
 class _Files(torch.utils.data.Dataset):
@@ -262,8 +269,10 @@ def read_batches(paths: Sequence[Path], *, preprocess: Callable[[Image.Image], t
     decoder = _DeviceDecoder(files, device) if decode == "gpu" else None
     loader = torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers,
                                          collate_fn=list if decoder else _stack, pin_memory=device.type == "cuda")
+    done = 0
     for items in loader:
         errors, found, images = decoder(items) if decoder else items
+        done += len(errors) + len(found)
         yield from errors
         if found:
-            yield Batch(found, images)
+            yield Batch(found, images, done)

@@ -19,7 +19,7 @@ import pickle
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -127,16 +127,13 @@ class LoadedModel:
         if self.input_size[0] not in (1, 3):
             raise ModelError(f"{self.name} takes {self.input_size[0]} input channels; image files are read as grey "
                              "(1) or RGB (3)")
-        done = 0
         for batch in read_batches(paths, preprocess=self.preprocess, channels=self.input_size[0],
                                   background=self.mean, batch_size=batch_size, workers=workers, decode=decode,
                                   device=self.device):
             if isinstance(batch, ImageError):
                 failures.append(batch)
-                done += 1
             else:
-                done += len(batch.paths)
-                yield replace(batch, done=done)
+                yield batch
 
 
 def resolve_device(device: str = "auto") -> torch.device:
