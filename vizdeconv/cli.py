@@ -34,7 +34,7 @@ from vizdeconv.jobs.evolution import EvolutionJob
 from vizdeconv.jobs.filters import FiltersJob
 from vizdeconv.jobs.occlude import OcclusionJob
 from vizdeconv.jobs.predict import PredictJob
-from vizdeconv.jobs.project import ProjectJob, default_images
+from vizdeconv.jobs.project import ProjectJob
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import EMBEDDED, LoadedModel, load_model
 from vizdeconv.report import PAGE, write_report
@@ -281,7 +281,7 @@ def project_command(model: LoadedModel, batch_size: int, layer_spec: str, rule: 
                      workers=workers, decode=decode, checkpoint_every=checkpoint_every, restart=restart)
     paths = [*folders, *(path for listed in lists for path in read_list(listed))]
     with progress_bars() as bars:
-        reports = job.run(paths or default_images(model), progress=bars)
+        reports = job.run(paths, progress=bars)
     for done, channels in zip(reports, job.channels):
         shown = sum(1 for channel_hits in done.hits.values() if channel_hits)
         _say(f"{escape(done.layer.label)}: {shown} of {len(channels)} channels fired, top {top} over "

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from vizdeconv.errors import ImageError, VizDeconvError
 from vizdeconv.images import Batch, find_images
-from vizdeconv.models import LoadedModel
+from vizdeconv.embedded import sample_folder
+from vizdeconv.models import EMBEDDED, LoadedModel
 from vizdeconv.outputs import output_names, save_json
 
 Progress = Callable[[str, int, "int | None"], None]
@@ -30,6 +31,13 @@ Progress = Callable[[str, int, "int | None"], None]
 
 def no_progress(stage: str, done: int, total: int | None) -> None:
     """The default: report nothing."""
+
+
+def default_images(model: LoadedModel) -> list[Path]:
+    """What a job scans when no images are given: the embedded model's shipped samples."""
+    if model.name != EMBEDDED:
+        raise VizDeconvError("--images is needed for models other than the embedded one")
+    return [sample_folder()]
 
 
 def reading(model: LoadedModel, paths: Sequence[Path], failures: list[ImageError], progress: Progress, stage: str,

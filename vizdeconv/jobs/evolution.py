@@ -19,8 +19,7 @@ from vizdeconv import figures, report
 from vizdeconv.deconvnet import Deconvnet, Projection
 from vizdeconv.embedded import epoch_checkpoints
 from vizdeconv.errors import ImageError, LayerError, ModelError
-from vizdeconv.jobs import Progress, find_inputs, no_progress, save_manifest, unique_failures
-from vizdeconv.jobs.project import default_images
+from vizdeconv.jobs import Progress, default_images, find_inputs, no_progress, save_manifest, unique_failures
 from vizdeconv.layers import Layer, trace_layers
 from vizdeconv.models import EMBEDDED, LoadedModel, load_weights
 from vizdeconv.outputs import output_names, save_json, save_png

@@ -20,11 +20,10 @@ from PIL import Image
 
 from vizdeconv import distributed, figures, render, report
 from vizdeconv.deconvnet import Deconvnet
-from vizdeconv.embedded import sample_folder
-from vizdeconv.errors import ImageError, VizDeconvError
-from vizdeconv.jobs import Progress, find_inputs, no_progress, unique_failures
+from vizdeconv.errors import ImageError
+from vizdeconv.jobs import Progress, default_images, find_inputs, no_progress, unique_failures
 from vizdeconv.layers import Hit, Layer, trace_layers
-from vizdeconv.models import EMBEDDED, LoadedModel
+from vizdeconv.models import LoadedModel
 from vizdeconv.outputs import save_json, save_png
 from vizdeconv.resume import FOLDER as CHECKPOINTS
 from vizdeconv.resume import ScanState, SettingsChanged, load_state, save_state, scan_settings
@@ -36,13 +35,6 @@ CHECKPOINT_SECONDS = 180  # the default: a killed scan loses at most this much w
 
 def figure_name(channel: int) -> str:
     return f"ch{channel:03d}.png"
-
-
-def default_images(model: LoadedModel) -> list[Path]:
-    """What ``project`` scans when no images are given: the embedded model's shipped samples."""
-    if model.name != EMBEDDED:
-        raise VizDeconvError("--images is needed for models other than the embedded one")
-    return [sample_folder()]
 
 
 @dataclass(frozen=True)
@@ -92,15 +84,16 @@ class ProjectJob:
         self.k, self.rule, self.out, self.batch_size, self.workers = k, rule, Path(out), batch_size, workers
         self.decode, self.checkpoint_every, self.restart = decode, checkpoint_every, restart
 
-    def run(self, paths: Iterable[str | os.PathLike], progress: Progress = no_progress) -> list[TopKReport]:
-        """Scan ``paths`` (files or folders), project every hit, write the figures and refresh the report.
+    def run(self, paths: Iterable[str | os.PathLike] = (), progress: Progress = no_progress) -> list[TopKReport]:
+        """Scan ``paths`` (files or folders; default ``default_images``), project every hit, write the
+        figures and refresh the report.
 
         Under ``torchrun`` every rank calls this with the same arguments: each scans its share of
         the chunks and draws its share of the channels, and rank 0 writes the shared files.
         Returns one report per layer, in graph order.
         """
         ranks = distributed.current()
-        images, failures = find_inputs(paths)
+        images, failures = find_inputs(list(paths) or default_images(self.model))
         tops, read_failures = self._merge(ranks.gather(self._scan(images, ranks, progress)))
         scanned = len(images) - len(read_failures)
         found = [hits(top, layer, images, self.model.input_size) for top, layer in zip(tops, self.layers)]
