@@ -47,8 +47,7 @@ def compare(model: LoadedModel, layers, name: str, images: torch.Tensor, channel
 def scan_throughput(model: LoadedModel, layers, count: int, batch_size: int, workers: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         paths = make_folder(Path(folder), count, sorted(PHOTOS.glob("*.jpg")), 256)
-        plain_rate, scan_rate = scan_rates(Deconvnet(model, layers, layers.layer("layer3")), paths, batch_size,
-                                           workers)
+        plain_rate, scan_rate = scan_rates(model, layers.layer("layer3"), paths, batch_size, workers)
     print(f"resnet50 scan, {count} JPEGs 256², batch {batch_size}, {workers} workers")
     print(f"  plain forward (DataLoader + model):        {plain_rate:6.1f} images/s")
     print(f"  scan (layer3, top-9 of 1024 channels):     {scan_rate:6.1f} images/s   ratio {scan_rate / plain_rate:.2f}×")

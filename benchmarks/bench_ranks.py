@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-from bench_scan import PHOTOS, make_folder, random_alexnet, scan_timer
+from bench_scan import PHOTOS, alternate, make_folder, random_alexnet, scan_timer
 
 from vizdeconv import distributed
 from vizdeconv.jobs.project import CHECKPOINT_SECONDS, ProjectJob
 from vizdeconv.resume import ScanState, save_state
 from vizdeconv.images import find_images
-from vizdeconv.topk import TopK, chunk_count, scan
+from vizdeconv.topk import chunk_count, scan
 
 BIN = Path(sys.executable).parent
 
@@ -69,19 +69,16 @@ def checkpoint_cost(folder: Path, images: int) -> None:
         state = Path(out) / "rank0.safetensors"
 
         def scan_once(checkpoints: bool) -> tuple[float, float]:
-            tops = [TopK(channels, 9, model.device) for channels in job.channels]
+            tops = job._empty_tops()
             saving, start = 0.0, time.perf_counter()
-            for done in scan(model, job.layers, tops, paths, range(chunk_count(len(paths))), [], batch_size=16):
+            for done in scan(model, job.layers, tops, paths, [], batch_size=16):
                 if checkpoints:
                     begin = time.perf_counter()
                     save_state(state, ScanState({"model": model.name}, done, [], [top.columns() for top in tops]))
                     saving += time.perf_counter() - begin
             return time.perf_counter() - start, saving
 
-        timings = {True: [], False: []}
-        for _ in range(2):  # alternate, keep the best of each
-            for checkpoints in (False, True):
-                timings[checkpoints].append(scan_once(checkpoints))
+        timings = alternate({False: lambda: scan_once(False), True: lambda: scan_once(True)})
     (plain, _), (with_checkpoints, saving) = min(timings[False]), min(timings[True])
     save = saving / chunk_count(len(paths))
     channels = sum(len(c) for c in job.channels)

@@ -26,12 +26,11 @@ import torch
 import torchvision
 from PIL import Image
 
-from vizdeconv.deconvnet import Deconvnet
 from vizdeconv.images import find_images
 from vizdeconv.jobs.project import ProjectJob
-from vizdeconv.layers import trace_layers
+from vizdeconv.layers import Layer, trace_layers
 from vizdeconv.models import LoadedModel, load_model
-from vizdeconv.topk import TopK, chunk_count, scan
+from vizdeconv.topk import TopK, scan
 
 PHOTOS = Path(__file__).resolve().parent.parent / "sample_images" / "photos"
 FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
@@ -69,16 +68,26 @@ def scan_timer() -> tuple[dict, callable]:
     return times, progress
 
 
-def deconvnet_at(model: LoadedModel, spec) -> Deconvnet:
-    layers = trace_layers(model)
-    return Deconvnet(model, layers, layers.layer(spec), rule="deconvnet")
+def alternate(runs: dict, rounds: int = 2) -> dict[object, list]:
+    """Each run's results over ``rounds`` rounds, the runs taking turns, so that a drift in the
+    machine's speed reaches all of them alike."""
+    results = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            results[name].append(run())
+    return results
 
 
-def scan_rates(deconvnet: Deconvnet, paths: list[Path], batch_size: int, workers: int) -> tuple[float, float]:
-    """Images per second of a plain DataLoader + model loop and of the scan to the deconvnet's layer
-    (top-9 of every channel), alternating twice and keeping the best of each."""
-    model, layer = deconvnet.model, deconvnet.layer
+def elapsed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
+
+def scan_rates(model: LoadedModel, layer: Layer, paths: list[Path], batch_size: int, workers: int
+               ) -> tuple[float, float]:
+    """Images per second of a plain DataLoader + model loop and of the scan to ``layer`` (top-9 of
+    every channel), alternating twice and keeping the best of each."""
     def plain():
         with torch.no_grad():
             for batch in model.read(paths, [], batch_size=batch_size, workers=workers):
@@ -86,43 +95,37 @@ def scan_rates(deconvnet: Deconvnet, paths: list[Path], batch_size: int, workers
 
     def scanned():
         top = TopK(range(layer.output_shape[0]), 9, model.device)
-        for _ in scan(model, [layer], [top], paths, range(chunk_count(len(paths))), [], batch_size=batch_size,
-                      workers=workers):
+        for _ in scan(model, [layer], [top], paths, [], batch_size=batch_size, workers=workers):
             pass
 
-    timings = {"plain": [], "scan": []}
-    for _ in range(2):  # alternate, keep the best of each
-        for name, run in (("plain", plain), ("scan", scanned)):
-            start = time.perf_counter()
-            run()
-            timings[name].append(time.perf_counter() - start)
+    timings = alternate({"plain": lambda: elapsed(plain), "scan": lambda: elapsed(scanned)})
     return len(paths) / min(timings["plain"]), len(paths) / min(timings["scan"])
 
 
 def throughput(model: LoadedModel, paths: list[Path], batch_size: int, workers: int) -> None:
-    deconvnet = deconvnet_at(model, 5)
-    plain_rate, scan_rate = scan_rates(deconvnet, paths, batch_size, workers)
+    plain_rate, scan_rate = scan_rates(model, trace_layers(model).layer(5), paths, batch_size, workers)
     print(f"alexnet, {len(paths)} images 256², batch {batch_size}, {workers} workers, {torch.get_num_threads()} threads")
     print(f"  plain forward (DataLoader + model):    {plain_rate:7.1f} images/s")
     print(f"  scan (layer 5, top-9 of 256 channels): {scan_rate:7.1f} images/s   ratio {scan_rate / plain_rate:.2f}×")
 
     with tempfile.TemporaryDirectory() as out:
         job = ProjectJob(model, 5, channels="0-15", out=out, batch_size=batch_size, workers=workers)
+        scanning, progress = scan_timer()  # the job's own scan stage, timed
         start = time.perf_counter()
-        (done,) = job.run(paths)
+        (done,) = job.run(paths, progress=progress)
         seconds = time.perf_counter() - start
     channels = sum(1 for found in done.hits.values() if found)
-    beyond_scan = seconds - len(paths) / scan_rate
+    beyond_scan = seconds - (scanning["end"] - scanning["start"])
     print(f"  project job, 16 channels: {seconds:.1f} s, of which {beyond_scan / channels:.2f} s per channel beyond "
           f"the scan ({channels} channels × 9: projections + tiles + figures)")
 
 
 def peak_memory_child(folder: str) -> None:
     model = load_model(device="cpu")
-    deconvnet = deconvnet_at(model, 5)
+    layer = trace_layers(model).layer(5)
     paths = find_images([folder])[0]
-    top = TopK(range(deconvnet.layer.output_shape[0]), 9, model.device)
-    for _ in scan(model, [deconvnet.layer], [top], paths, range(chunk_count(len(paths))), [], batch_size=64):
+    top = TopK(range(layer.output_shape[0]), 9, model.device)
+    for _ in scan(model, [layer], [top], paths, [], batch_size=64):
         pass
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 

@@ -13,7 +13,7 @@ from vizdeconv.images import find_images, load_image
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel
 from vizdeconv.occlusion import occlude
-from vizdeconv.topk import TopK, chunk_count, hits, project_hits, scan
+from vizdeconv.topk import TopK, hits, project_hits, scan
 
 SIDE = 64
 
@@ -53,7 +53,7 @@ def test_project_on_resnet18_layer3_equals_a_brute_force_scan(resnet18, photos):
     assert not deconvnet.walks
     k = 4
     top = TopK(range(layer.output_shape[0]), k, resnet18.device)
-    list(scan(resnet18, [layer], [top], photos, range(chunk_count(len(photos))), [], batch_size=5))
+    list(scan(resnet18, [layer], [top], photos, [], batch_size=5))
     found = hits(top, layer, photos, resnet18.input_size)
 
     candidates = {}

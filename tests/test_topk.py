@@ -54,7 +54,7 @@ def run_scan(deconvnet, paths, k=9, batch_size=4, workers=0, channels=None):
     channels = list(range(layer.output_shape[0])) if channels is None else channels
     top = TopK(channels, k, model.device)
     failures = []
-    done = list(scan(model, [layer], [top], paths, range(chunk_count(len(paths))), failures, batch_size=batch_size,
+    done = list(scan(model, [layer], [top], paths, failures, batch_size=batch_size,
                      workers=workers))
     return hits(top, layer, paths, model.input_size), done, failures
 
@@ -106,7 +106,7 @@ def test_memory_is_bounded_by_channels_times_k(embedded, folder):
     deconvnet = deconvnet_for(embedded, 1)
     paths, _ = find_images([folder])
     top = TopK([0, 5], 3, embedded.device)
-    for _ in scan(embedded, [deconvnet.layer], [top], paths, range(chunk_count(len(paths))), [], batch_size=8):
+    for _ in scan(embedded, [deconvnet.layer], [top], paths, [], batch_size=8):
         assert top.values.shape[0] == 2 and top.values.shape[1] <= 3
 
 

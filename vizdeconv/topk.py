@@ -91,15 +91,17 @@ def chunk_count(files: int) -> int:
 
 
 def scan(model: LoadedModel, layers: Sequence[Layer], tops: Sequence[TopK], paths: Sequence[Path],
-         chunks: Sequence[int], failures: list[ImageError], *, batch_size: int = 32, workers: int = 0,
+         failures: list[ImageError], *, chunks: Sequence[int] | None = None, batch_size: int = 32, workers: int = 0,
          decode: str = "cpu") -> Iterator[int]:
-    """Run the files of ``chunks`` through the model, folding each layer's activations into its ``top``.
+    """Run the files of ``chunks`` (default: all) through the model, folding each layer's activations into its ``top``.
 
     Chunk ``c`` is files ``c·SCAN_CHUNK`` to ``(c+1)·SCAN_CHUNK`` of ``paths``, which must be in
     the order that breaks ties (``find_images`` sorts them). One pass per chunk records every
     layer (in graph order) and stops at the last. Files that fail go to ``failures``. Yields how
     many of ``chunks`` are done after each batch (batches hold whole chunks).
     """
+    if chunks is None:
+        chunks = range(chunk_count(len(paths)))
     files = [path for chunk in chunks for path in paths[chunk * SCAN_CHUNK:(chunk + 1) * SCAN_CHUNK]]
     rank = {path: i for i, path in enumerate(paths)}
     points = [layer.point for layer in layers]
@@ -108,7 +110,8 @@ def scan(model: LoadedModel, layers: Sequence[Layer], tops: Sequence[TopK], path
         images = batch.images.to(model.device, non_blocking=True)  # one copy per batch; chunks are cut there
         ranks = torch.tensor([rank[path] for path in batch.paths])
         _, sizes = torch.unique_consecutive(ranks // SCAN_CHUNK, return_counts=True)
-        for chunk, chunk_ranks in zip(images.split(sizes.tolist()), ranks.split(sizes.tolist())):
+        on_device = ranks.to(model.device, non_blocking=True)  # copied once: a blocking copy per chunk would wait on the device
+        for chunk, chunk_ranks in zip(images.split(sizes.tolist()), on_device.split(sizes.tolist())):
             padded = torch.cat([chunk, chunk.new_zeros(SCAN_CHUNK - len(chunk), *chunk.shape[1:])])
             for top, activations in zip(tops, record_points(model.module, points, padded)):
                 top.update(activations[: len(chunk)], chunk_ranks)
@@ -154,8 +157,10 @@ def project_hits(deconvnets: Sequence[Deconvnet], found: Sequence[dict[int, list
     paths = sorted(path for path, layers in every.items() if any(asked(i, hit) for i in layers for hit in layers[i]))
     for batch in model.read(paths, failures, batch_size=batch_size, decode=decode):
         for path, image in zip(batch.paths, batch.images):
+            on_device, on_cpu = image[None].to(model.device), image.cpu()
             for i, image_hits in sorted(every[path].items()):
+                if not deconvnets[i].walks:  # autograd projects each seed on its own: only those asked
+                    image_hits = [hit for hit in image_hits if asked(i, hit)]
                 if any(asked(i, hit) for hit in image_hits):
-                    forward = deconvnets[i].forward(image[None].to(model.device))
-                    (projections,) = deconvnets[i].project_hits(forward, [image_hits])
-                    yield i, ImageProjections(path, image.cpu(), [p for p in projections if asked(i, p.hit)])
+                    (projections,) = deconvnets[i].project_hits(deconvnets[i].forward(on_device), [image_hits])
+                    yield i, ImageProjections(path, on_cpu, [p for p in projections if asked(i, p.hit)])

@@ -146,10 +146,10 @@ class EvolutionJob:
                    ) -> list[dict[int, Projection]]:
         """Per layer, channel → the projection of its strongest activation, with the weights now loaded."""
         tops = [TopK(channels, 1, self.model.device) for channels in self.channels]
-        chunks = range(chunk_count(len(images)))
-        progress(f"{name}: scanning", 0, len(chunks))
-        for done in scan(self.model, self.layers, tops, images, chunks, failures, batch_size=self.batch_size):
-            progress(f"{name}: scanning", done, len(chunks))
+        chunks = chunk_count(len(images))
+        progress(f"{name}: scanning", 0, chunks)
+        for done in scan(self.model, self.layers, tops, images, failures, batch_size=self.batch_size):
+            progress(f"{name}: scanning", done, chunks)
         strongest = [hits(top, layer, images, self.model.input_size) for top, layer in zip(tops, self.layers)]
         chosen: list[dict[int, Projection]] = [{} for _ in self.layers]
         for i, projected in project_hits(self.deconvnets, strongest, failures, batch_size=self.batch_size):

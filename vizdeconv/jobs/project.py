@@ -147,7 +147,7 @@ class ProjectJob:
         scanning = "scanning " + ", ".join(layer.label for layer in self.layers)
         progress(scanning, files_done(done), files)
         saved, saved_at = done, time.monotonic()
-        for count in scan(model, self.layers, tops, images, chunks[done:], failures, batch_size=self.batch_size,
+        for count in scan(model, self.layers, tops, images, failures, chunks=chunks[done:], batch_size=self.batch_size,
                           workers=self.workers, decode=self.decode):
             if (files_done(done + count) - files_done(saved) >= self.checkpoint_every if self.checkpoint_every
                     else time.monotonic() - saved_at >= CHECKPOINT_SECONDS):
