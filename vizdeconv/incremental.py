@@ -85,6 +85,7 @@ class IncrementalOcclusion:
 
     def __init__(self, chain: Chain, image: torch.Tensor, layer_index: int) -> None:
         self.chain = chain
+        self.behaviours = [_behaviour(step.module) for step in chain.steps]  # looked up once, used per batch
         self.layer_index = layer_index
         self.inputs = []
         x = image[None]
@@ -111,7 +112,7 @@ class IncrementalOcclusion:
         for step in self.chain.steps:
             if full is None and patch.shape[2:] == self.inputs[step.index].shape[2:]:
                 full = patch  # the region covers the whole map
-            behaviour = _behaviour(step.module)
+            behaviour = self.behaviours[step.index]
             if full is None and behaviour is None:
                 full = self._assemble(step.index, patch, origin)
             if full is not None:

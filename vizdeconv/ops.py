@@ -28,6 +28,9 @@ RULE_TEXT = {
 Geometry = tuple[int, int, int, int]  # kernel, stride, padding before, dilation (one axis)
 
 
+SPREAD = {"local": "local", "max-pool": "local", "global": "global"}  # op kind → Op.occlusion; others pointwise
+
+
 @dataclass(frozen=True)
 class Op:
     """One operation.
@@ -53,7 +56,7 @@ class Op:
     @property
     def occlusion(self) -> str:
         """``pointwise``, ``local`` or ``global``: how far a change in the op's input spreads."""
-        return {"local": "local", "max-pool": "local", "global": "global"}.get(self.kind, "pointwise")
+        return SPREAD.get(self.kind, "pointwise")
 
 
 def _pair(value, axis: int) -> int:
