@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from vizdeconv import render
 from vizdeconv.deconvnet import Projection
-from vizdeconv.filters import FilterStats
+from vizdeconv.filters import RENORMALISE_RMS, FilterStats
 from vizdeconv.layers import Layer
 from vizdeconv.models import LoadedModel
 from vizdeconv.occlusion import OcclusionMaps
@@ -27,13 +27,18 @@ THUMB_WIDTH = 360  # a channel figure's width on an overview sheet
 SHEET_COLUMNS = 6
 
 
+def field_window(model: LoadedModel, layer: Layer, position: tuple[int, int]) -> tuple[int, int, int, int]:
+    """What a tile shows of the unit at ``position``: its receptive field (``render.display_window``)."""
+    return render.display_window(layer.field.window(*position), *model.input_size[1:])
+
+
 def image_tiles(model: LoadedModel, layer: Layer, image: torch.Tensor, projections: Sequence[Projection]
                 ) -> list[tuple[Image.Image, Image.Image]]:
     """The projection and the image patch of each top-k hit on one ``(C, H, W)`` input, as tiles of the layer's field."""
     picture = render.input_to_image(image, model.mean, model.std)
     tiles = []
     for projection in projections:
-        window = render.display_window(layer.field.window(*projection.hit.position), *model.input_size[1:])
+        window = field_window(model, layer, projection.hit.position)
         tiles.append((render.field_tile(render.projection_to_image(projection.pixels), window),
                       render.field_tile(picture, window)))
     return tiles
@@ -205,7 +210,7 @@ def filter_sheet(title: str, notes: Sequence[str], weight: torch.Tensor, spectra
         draw.text((left, line), flagged, fill=FLAG_COLOUR, font=render.font(12))
         if stat.renormalise:
             after = render.font(12).getlength(flagged + " ") if flagged else 0
-            draw.text((left + after, line), "rms>0.1", fill=NOTE_COLOUR, font=render.font(12))
+            draw.text((left + after, line), f"rms>{RENORMALISE_RMS:g}", fill=NOTE_COLOUR, font=render.font(12))
     return sheet
 
 
@@ -214,35 +219,30 @@ def evolution_figure(model: LoadedModel, layer: Layer, title: str, checkpoints: 
     """Paper Fig. 4: one row per channel (labelled on the left), one column per checkpoint (named on
     top); each cell the projection as a tile of the unit's field, captioned with its activation and
     image, or an empty frame where the channel never fired."""
-    height, width = model.input_size[1:]
-    size = render.tile_size(render.display_window(layer.field.window(0, 0), height, width))
-    rows, labels = [], []
-    for channel, entries in projections.items():
-        tiles, captions = [], []
+    size = render.tile_size(field_window(model, layer, (0, 0)))
+    tiles, captions = [], []
+    for entries in projections.values():
         for projection in entries:
             if projection is None:
                 tiles.append(Image.new("RGB", size, "white"))
                 captions.append("never fires")
-                continue
-            hit = projection.hit
-            window = render.display_window(layer.field.window(*hit.position), height, width)
-            tiles.append(render.field_tile(render.projection_to_image(projection.pixels), window))
-            captions.append(f"{hit.value:.3g} {hit.image.stem}")
-        rows.append(_tile_block(tiles, captions, len(tiles)))
-        labels.append(f"ch {channel}")
+            else:
+                tiles.append(render.field_tile(render.projection_to_image(projection.pixels),
+                                               field_window(model, layer, projection.hit.position)))
+                captions.append(f"{projection.hit.value:.3g} {projection.hit.image.stem}")
+    block = _tile_block(tiles, captions, len(checkpoints))
+    labels = [f"ch {channel}" for channel in projections]
     label_w = max(math.ceil(render.font(13).getlength(label)) for label in labels) + 2 * GAP
-    cell_w = size[0] + 2 + GAP
+    cell_w, cell_h = size[0] + 2 + GAP, size[1] + 2 + CAPTION + GAP  # as _tile_block lays them out
     top = MARGIN + 22 + 18
-    figure = Image.new("RGB", (2 * MARGIN + max(label_w + rows[0].width, math.ceil(render.font(15).getlength(title))),
-                               top + sum(row.height + GAP for row in rows) + MARGIN), "white")
+    figure = Image.new("RGB", (2 * MARGIN + max(label_w + block.width, math.ceil(render.font(15).getlength(title))),
+                               top + block.height + GAP + MARGIN), "white")
     draw = ImageDraw.Draw(figure)
     draw.text((MARGIN, MARGIN), title, fill="black", font=render.font(15))
     for column, name in enumerate(checkpoints):
         draw.text((MARGIN + label_w + column * cell_w, MARGIN + 22), render.fit_text(name, cell_w - GAP),
                   fill=(60, 60, 60), font=render.font(13))
-    upper = top
-    for label, row in zip(labels, rows):
-        draw.text((MARGIN, upper + size[1] // 2 - 6), label, fill="black", font=render.font(13))
-        figure.paste(row, (MARGIN + label_w, upper))
-        upper += row.height + GAP
+    for row, label in enumerate(labels):
+        draw.text((MARGIN, top + row * cell_h + size[1] // 2 - 6), label, fill="black", font=render.font(13))
+    figure.paste(block, (MARGIN + label_w, top))
     return figure

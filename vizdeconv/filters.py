@@ -177,6 +177,7 @@ def diagnose(weight: torch.Tensor, stride: tuple[int, int], responses: Responses
     energy = energy_spectra(weight, dilation)
     masks, radius = regions(energy.shape[-1], stride)
     seen = responses is not None and responses.images > 0
+    ac_radius = radius[masks["ac"]]
     stats = []
     for i in range(len(weight)):
         shares = _shares(energy[i], masks)
@@ -184,7 +185,7 @@ def diagnose(weight: torch.Tensor, stride: tuple[int, int], responses: Responses
         dead = norms[i].item() <= DEAD_NORM * median or (seen and responses.fired[i].item() == 0)
         stats.append(FilterStats(
             filter=i, rms=rms[i].item(), norm=norms[i].item(), dead=dead, **shares,
-            peak_frequency=radius[masks["ac"]][energy[i][masks["ac"]].argmax()].item() if has_energy else None,
+            peak_frequency=ac_radius[energy[i][masks["ac"]].argmax()].item() if has_energy else None,
             aliased=has_energy and not dead and shares["aliasing"] > ALIASING_FLAG,
             renormalise=rms[i].item() > RENORMALISE_RMS,
             fires=responses.fired[i].item() / responses.images if seen else None,

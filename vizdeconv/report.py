@@ -162,24 +162,28 @@ def _card(folder: str, png: str, alt: str, caption: str) -> str:
     return f'<figure>{_thumbnail(folder, png, alt)}<figcaption>{caption}</figcaption></figure>'
 
 
-def _deconv_section(folder: str, data: dict, out: Path) -> str:
-    cards = "".join(
-        _card(folder, f["png"], f["image"], f'{_image_cell(f["image"], out)}: {_text(f["label"])}, {_text(f["rule"])}; '
-              f'channels {", ".join(str(h["channel"]) for h in f["hits"])}')
-        for f in data["figures"])
-    return (f'<section id="{_attr(folder)}" data-kind="deconv"><h2>Deconv projections</h2>{_failed(data)}'
-            f'<div class="figures">{cards}</div></section>')
+def _deconv_caption(figure: dict, out: Path) -> tuple[str, str]:
+    """A deconv figure's alt text (its image) and caption (HTML): the image linked, layer, rule, channels."""
+    channels = ", ".join(str(h["channel"]) for h in figure["hits"])
+    return figure["image"], (f'{_image_cell(figure["image"], out)}: {_text(figure["label"])}, '
+                             f'{_text(figure["rule"])}; channels {channels}')
+
+
+def _plain_caption(figure: dict, out: Path) -> tuple[str, str]:
+    caption = figure.get("caption", figure["png"])
+    return caption, _text(caption)
 
 
 def _figures_section(folder: str, data: dict, out: Path) -> str:
-    """Any other kind: its ``figures`` (``png`` and ``caption``) and failed files."""
-    cards = "".join(_card(folder, f["png"], f.get("caption", f["png"]), _text(f.get("caption", f["png"])))
-                    for f in data.get("figures", []))
+    """A manifest's ``figures`` as captioned thumbnails under its ``title``, and its failed files; deconv
+    figures are captioned from their hits, any other kind's from their ``caption``."""
+    caption = _deconv_caption if data["kind"] == "deconv" else _plain_caption
+    cards = "".join(_card(folder, f["png"], *caption(f, out)) for f in data.get("figures", []))
     return (f'<section id="{_attr(folder)}" data-kind="{_attr(data["kind"])}"><h2>{_text(data.get("title", folder))}'
             f'</h2>{_failed(data)}<div class="figures">{cards}</div></section>')
 
 
-SECTIONS = {"project": _project_section, "occlude": _occlude_section, "deconv": _deconv_section}
+SECTIONS = {"project": _project_section, "occlude": _occlude_section, "deconv": _figures_section}
 
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 0 1.5em 2em; color: #222; }

@@ -131,8 +131,9 @@ class EvolutionJob:
             for i, chosen in enumerate(self._strongest(name, images, read_failures, progress)):
                 for channel in self.channels[i]:
                     projections[i][channel].append(chosen.get(channel))
-        failures += unique_failures(read_failures)
-        scanned = len(images) - len({str(f.path) for f in read_failures})
+        lost = unique_failures(read_failures)  # each checkpoint's pass met the same bad files
+        failures += lost
+        scanned = len(images) - len(lost)
         reports = [self._write(layer, layer_projections, scanned, failures)
                    for layer, layer_projections in zip(self.layers, projections)]
         save_manifest(self.out / FOLDER, "evolution", "Feature evolution over training (paper Fig. 4)",
@@ -169,13 +170,12 @@ class EvolutionJob:
             "rule": self.rule, "checkpoints": self.names, "checkpoint_files": [os.path.abspath(f) for f in self.files],
             "images": scanned,
             "channels": [{"channel": channel, "per_checkpoint": [
-                {"checkpoint": name, **(_hit_json(projection) if projection else
-                                        {"image": None, "value": None, "position": None, "box": None})}
-                for name, projection in zip(self.names, entries)]} for channel, entries in projections.items()],
+                {"checkpoint": name, **_hit_json(projection)} for name, projection in zip(self.names, entries)]} for channel, entries in projections.items()],
             "failed": [failure.to_json() for failure in failures]})
         return EvolutionReport(layer, self.names, projections, figure, data, scanned, failures)
 
 
-def _hit_json(projection: Projection) -> dict:
-    hit = projection.hit.to_json()
-    return {key: hit[key] for key in ("image", "value", "position", "box")}
+def _hit_json(projection: Projection | None) -> dict:
+    """The hit's image, value, position and box; all null where the channel never fired."""
+    hit = projection.hit.to_json() if projection else {}
+    return {key: hit.get(key) for key in ("image", "value", "position", "box")}

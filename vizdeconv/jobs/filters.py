@@ -17,6 +17,8 @@ from vizdeconv import figures, report
 from vizdeconv.errors import ImageError
 from vizdeconv.filters import (
     ALIASING_FLAG,
+    DEAD_NORM,
+    RENORMALISE_RMS,
     FilterStats,
     Responses,
     check_convolutional,
@@ -113,8 +115,9 @@ class FiltersJob:
             "right: its magnitude spectrum |W(f)|, DC at the centre, ±0.5 cycles/pixel at the edges, scaled on its own"
             + (f"; white box: the stride's Nyquist frequency {nyquist[0]:g} x {nyquist[1]:g}, energy outside it aliases"
                if stride != (1, 1) else ""),
-            f"red: dead (norm at most 1% of the median{', or never fires' if summary['images'] else ''}), "
-            f"alias (over {ALIASING_FLAG:.0%} of its energy beyond Nyquist); orange: rms>0.1 (ZF renormalise to 0.1)",
+            f"red: dead (norm at most {DEAD_NORM:.0%} of the median{', or never fires' if summary['images'] else ''}), "
+            f"alias (over {ALIASING_FLAG:.0%} of its energy beyond Nyquist); orange: rms>{RENORMALISE_RMS:g} "
+            f"(ZF renormalise to {RENORMALISE_RMS:g})",
             FiltersJob.caption(summary),
         ]
 
@@ -125,5 +128,5 @@ class FiltersJob:
             return "n/a" if value is None else f"{value:.0%}"
 
         return (f"{summary['filters']} filters: {summary['dead']} dead, {summary['aliased']} aliased, "
-                f"{summary['renormalise']} over RMS 0.1; energy low {percent(summary['energy_low'])}, "
+                f"{summary['renormalise']} over RMS {RENORMALISE_RMS:g}; energy low {percent(summary['energy_low'])}, "
                 f"mid {percent(summary['energy_mid'])}, high {percent(summary['energy_high'])}")
