@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
 SAMPLES := sample_images/fashion-mnist
+DEMO_IMAGES := $(addprefix $(SAMPLES)/,test00000_ankle-boot.png test00001_pullover.png test00008_sandal.png \
+	test00023_ankle-boot.png)
 
 .PHONY: demo test bench check-report clean
 
@@ -19,10 +21,8 @@ $(READY): setup.cfg pyproject.toml
 # layer's filter sheet and the features' evolution over training: one report over all of them
 demo: $(READY)
 	$(BIN)/vizdeconv project --layer 5
-	$(BIN)/vizdeconv occlude $(SAMPLES)/test00000_ankle-boot.png $(SAMPLES)/test00001_pullover.png \
-		$(SAMPLES)/test00008_sandal.png $(SAMPLES)/test00023_ankle-boot.png
-	$(BIN)/vizdeconv deconv $(SAMPLES)/test00000_ankle-boot.png $(SAMPLES)/test00001_pullover.png \
-		$(SAMPLES)/test00008_sandal.png $(SAMPLES)/test00023_ankle-boot.png --layer 5 --top 3
+	$(BIN)/vizdeconv occlude $(DEMO_IMAGES)
+	$(BIN)/vizdeconv deconv $(DEMO_IMAGES) --layer 5 --top 3
 	$(BIN)/vizdeconv filters --images $(SAMPLES)
 	$(BIN)/vizdeconv evolution
 
