@@ -29,12 +29,15 @@ from rich.text import Text
 from vizdeconv import distributed, ops
 from vizdeconv.errors import ImageError, VizDeconvError
 from vizdeconv.jobs import no_progress, read_list
+from vizdeconv.jobs.correspondence import CorrespondenceJob
 from vizdeconv.jobs.deconv import DeconvJob
 from vizdeconv.jobs.evolution import EvolutionJob
 from vizdeconv.jobs.filters import FiltersJob
+from vizdeconv.jobs.invariance import InvarianceJob
 from vizdeconv.jobs.occlude import OcclusionJob
 from vizdeconv.jobs.predict import PredictJob
 from vizdeconv.jobs.project import ProjectJob
+from vizdeconv.jobs.reconstruct import ReconstructJob
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import EMBEDDED, LoadedModel, load_model
 from vizdeconv.report import PAGE, write_report
@@ -369,6 +372,85 @@ def evolution_command(model: LoadedModel, batch_size: int, checkpoints: tuple[Pa
         _say(f"{escape(done.layer.label)}: {len(done.projections)} channels at {len(done.checkpoints)} checkpoints "
              f"({escape(', '.join(done.checkpoints))}) → {escape(str(done.figure))}")
     _finish(reports[0].scanned, reports[0].failures, "images scanned", out_dir)
+
+
+@images_command("invariance")
+@click.option("--layers", "layer_spec", default="1,fc", show_default=True,
+              help="Layer numbers, module names, and fc (the input of the last nn.Linear: the paper's layer 7).")
+@click.option("--transform", "transforms", default="translate,scale,rotate", show_default=True,
+              help="Transformations, in row order (the README defines each and its default amounts).")
+@click.option("--target", "targets", multiple=True,
+              help="True class (index or name) for every image, or IMAGE=CLASS for one (repeatable) "
+                   "[default: the top-1 class of the untransformed image].")
+@out_option
+def invariance_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int, layer_spec: str,
+                       transforms: str, targets: tuple[str, ...], out_dir: Path) -> None:
+    """Feature distances and p(true class) under translation, scaling and rotation (paper Fig. 5), into OUT/invariance."""
+    job = InvarianceJob(model, layer_spec, transforms=[t.strip() for t in transforms.split(",") if t.strip()],
+                        targets=targets, out=out_dir, batch_size=batch_size)
+    with progress_bars() as bars:
+        done = job.run(paths, progress=bars)
+    for transform, amounts in done.amounts.items():
+        _say(f"{transform}: {len(amounts)} amounts, {amounts[0]:g} to {amounts[-1]:g}; mean p(true class) "
+             f"{done.p_true[transform].mean():.3f}, lowest {done.p_true[transform].min():.3f}")
+    _say(f"→ {escape(str(done.figure))}, {escape(done.table.name)}")
+    _finish(len(done.images), done.failures, "images measured", out_dir)
+
+
+@images_command("correspondence")
+@click.option("--parts", "parts_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help='JSON: {"image.jpg": {"part": [y0, x0, y1, x1], ...}, ...} in pixels of the original files.')
+@click.option("--layers", "layer_spec", default="5,fc", show_default=True,
+              help="Layer numbers, module names, and fc (the input of the last nn.Linear: the paper's layer 7).")
+@click.option("--random", "repeats", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Repeats of the random control (each part's box at random places).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random control.")
+@out_option
+def correspondence_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int, parts_file: Path,
+                           layer_spec: str, repeats: int, seed: int, out_dir: Path) -> None:
+    """Do layers change the same way when the same part is masked in each image? (paper Table 1), into OUT/correspondence."""
+    job = CorrespondenceJob(model, parts_file, layer_spec, random=repeats, seed=seed, out=out_dir,
+                            batch_size=batch_size)
+    with progress_bars() as bars:
+        done = job.run(paths, progress=bars)
+    for note in done.notes:
+        err.print(f"[yellow]note:[/] {escape(note)}")
+    table = Table("part", *(layer.label for layer in done.layers), title="mean sign change Δ ± std (lower: more consistent)")
+    for part in done.parts:
+        table.add_row(escape(part), *(f"{done.table[part, layer.name][0]:.3f} ± {done.table[part, layer.name][1]:.3f}"
+                                      for layer in done.layers))
+    if distributed.current().main:
+        out.print(table)
+    _say(f"→ {escape(str(done.csv))}, {escape(done.figure.name)}")
+    _finish(len(done.images), done.failures, "images compared", out_dir)
+
+
+@images_command("reconstruct")
+@click.option("--layer", "layer_spec", default="all", show_default=True,
+              help="Layer number, module name, several (1,3 or 2-4), or all (every numbered layer).")
+@click.option("--switches", default="known,fixed", show_default=True,
+              help="known (recorded on the image), fixed (top-left of each pooling window), or both.")
+@out_option
+def reconstruct_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int, layer_spec: str, switches: str,
+                        out_dir: Path) -> None:
+    """Each image from whole layers, down the deconvnet with known and fixed switches (Zhang et al. 2016), into OUT/reconstruct."""
+    job = ReconstructJob(model, layer_spec, switches=[s.strip() for s in switches.split(",") if s.strip()],
+                         out=out_dir, batch_size=batch_size)
+    for note in job.notes:
+        err.print(f"[yellow]note:[/] {escape(note)}")
+    with progress_bars() as bars:
+        done = job.run(paths, progress=bars)
+    table = Table("layer", *(f"{s} r / SSIM" for s in job.switches), title="mean similarity to the input")
+    for layer in dict.fromkeys(s.layer for s in done.similarities):
+        cells = []
+        for switch in job.switches:
+            rows = [s for s in done.similarities if s.layer == layer and s.switches == switch]
+            cells.append(f"{sum(r.pearson for r in rows) / len(rows):.3f} / {sum(r.ssim for r in rows) / len(rows):.3f}")
+        table.add_row(escape(layer), *cells)
+    if distributed.current().main and done.similarities:
+        out.print(table)
+    _finish(len({s.image for s in done.similarities}), done.failures,
+            f"images reconstructed into {escape(str(done.folder))}", out_dir)
 
 
 @main.command("report")

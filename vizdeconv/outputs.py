@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save
 
-JOB_FOLDERS = ("occlusion", "deconv", "filters", "evolution")  # OUT/<folder> of the jobs other than project
+# OUT/<folder> of the jobs other than project
+JOB_FOLDERS = ("occlusion", "deconv", "filters", "evolution", "invariance", "correspondence", "reconstruct")
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
@@ -49,6 +51,15 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 
 def save_json(path: str | os.PathLike, data) -> Path:
     return write_atomic(path, lambda file: file.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def save_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    """A CSV file with a header line (``csv`` quoting, so names with commas stay one field)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_atomic(path, lambda file: file.write(text.getvalue().encode()))
 
 
 def output_names(paths: Sequence[Path]) -> dict[Path, str]:

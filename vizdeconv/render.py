@@ -26,7 +26,7 @@ DISPLAY = ("projections scaled symmetrically around zero (zero is mid-grey), eac
 def input_to_image(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> Image.Image:
     """A normalised ``(C, H, W)`` input back as an 8-bit RGB picture."""
     pixels = image.detach().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-    return _to_rgb(pixels)
+    return to_rgb(pixels)
 
 
 def projection_to_image(projection: torch.Tensor) -> Image.Image:
@@ -35,10 +35,11 @@ def projection_to_image(projection: torch.Tensor) -> Image.Image:
     magnitudes = projection.abs().flatten()
     magnitudes = magnitudes[magnitudes > 0]
     scale = magnitudes.quantile(CONTRAST).item() if len(magnitudes) else 1.0
-    return _to_rgb(0.5 + 0.5 * projection / scale)
+    return to_rgb(0.5 + 0.5 * projection / scale)
 
 
-def _to_rgb(pixels: torch.Tensor) -> Image.Image:
+def to_rgb(pixels: torch.Tensor) -> Image.Image:
+    """A ``(C, H, W)`` picture in 0..1 (clipped) as 8-bit RGB; one channel is shown grey."""
     array = (pixels.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
@@ -193,6 +194,6 @@ def filter_tile(weight: torch.Tensor, side: int) -> Image.Image:
     else:
         norms = weight.norm(dim=0, keepdim=True)
         pixels = norms / max(norms.max().item(), 1e-12)
-    image = _to_rgb(pixels)
+    image = to_rgb(pixels)
     scale = max(1, side // max(image.size))
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)

@@ -1,0 +1,138 @@
+"""``vizdeconv reconstruct``: whole layers sent down the deconvnet with known and fixed switches
+(Zhang, Lee & Lee 2016; ``reconstruct.py``).
+
+Layout under ``OUT/reconstruct``: ``<image>/reconstruct_<layer>.png`` (the input and each
+reconstruction, with their similarity to the input) and ``<image>/reconstruct_<layer>.npz`` (keys
+in the README); ``similarity.csv`` with a row per image, layer and switches; ``index.json`` for the report.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vizdeconv import render, report
+from vizdeconv.errors import ImageError, LayerError
+from vizdeconv.jobs import Progress, find_outputs, no_progress, reading, save_manifest
+from vizdeconv.layers import Layer, trace_layers
+from vizdeconv.models import LoadedModel
+from vizdeconv.outputs import save_csv, save_npz, save_png
+from vizdeconv.reconstruct import SWITCHES, display, has_max_pool, pearson, reconstruct
+from vizdeconv.similarity import ssim
+
+FOLDER = "reconstruct"
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """How close one reconstruction is to its input: ``pearson`` in the normalised input space,
+    ``ssim`` between the displayed images (``reconstruct.display``)."""
+
+    image: Path
+    layer: str
+    switches: str
+    pearson: float
+    ssim: float
+
+
+@dataclass(frozen=True)
+class ReconstructReport:
+    """What a ``ReconstructJob`` wrote: similarities in input, layer and switches order; figures;
+    notes (layers where fixed switches are the known ones); files that failed."""
+
+    folder: Path
+    similarities: list[Similarity]
+    figures: list[Path]
+    notes: list[str]
+    failures: list[ImageError]
+
+
+class ReconstructJob:
+    """Reconstruct each image from whole layers.
+
+    Args:
+        model: the loaded model. layers: ``all`` (every numbered layer) or specs as ``Layers.select`` takes.
+        switches: any of ``known`` and ``fixed``, in the order shown.
+        out: the output folder (results go to ``out/reconstruct``). batch_size: images per pass.
+
+    Raises:
+        LayerError: an unknown layer, or one without a spatial output.
+    """
+
+    def __init__(self, model: LoadedModel, layers: str | Sequence[int | str] = "all", *,
+                 switches: Sequence[str] = SWITCHES, out: str | os.PathLike = "vizdeconv-out",
+                 batch_size: int = 16) -> None:
+        traced = trace_layers(model)
+        self.layers = traced.numbered() if layers == "all" else traced.select(layers)
+        if not self.layers:
+            raise LayerError(f"{model.name} has no numbered layers; name modules with --layer (see `vizdeconv layers`)")
+        for layer in self.layers:
+            if len(layer.output_shape) != 3:
+                raise LayerError(f"{layer.label} has output shape {layer.output_shape}; "
+                                 "reconstruction needs a spatial (C, H, W) layer")
+            if layer.point.unknown:
+                raise LayerError(f"vizdeconv has no rule for {layer.point.unknown}, which runs below {layer.label}")
+        unknown = [s for s in switches if s not in SWITCHES]
+        if unknown or not switches:
+            raise LayerError(f"unknown switches {unknown[0] if unknown else ''!r}; expected {' and/or '.join(SWITCHES)}")
+        self.model, self.switches = model, list(dict.fromkeys(switches))
+        self.out, self.batch_size = Path(out), batch_size
+
+    @property
+    def notes(self) -> list[str]:
+        """Where ``fixed`` was asked for but changes nothing: layers with no max-pool below them."""
+        if "fixed" not in self.switches:
+            return []
+        return [f"{layer.label}: no max-pool below it, so fixed switches give the known reconstruction"
+                for layer in self.layers if not has_max_pool(layer)]
+
+    def run(self, paths: Iterable[str | os.PathLike], progress: Progress = no_progress) -> ReconstructReport:
+        folder = self.out / FOLDER
+        images, failures, folders = find_outputs(paths, folder)
+        similarities, made = [], []
+        for batch in reading(self.model, images, failures, progress, "reconstructing", batch_size=self.batch_size):
+            inputs = batch.images.to(self.model.device)
+            for layer in self.layers:
+                pixels = {s: reconstruct(self.model, layer, inputs, switches=s).cpu() for s in self.switches}
+                for i, path in enumerate(batch.paths):
+                    rows = [self._similarity(path, layer, s, batch.images[i], pixels[s][i]) for s in self.switches]
+                    made.append(self._save(folders[path], path, layer, batch.images[i],
+                                           {s: pixels[s][i] for s in self.switches}, rows))
+                    similarities.extend(rows)
+        save_csv(folder / "similarity.csv", ("image", "layer", "switches", "pearson", "ssim"),
+                 [(os.path.abspath(s.image), s.layer, s.switches, f"{s.pearson:.6f}", f"{s.ssim:.6f}")
+                  for s in similarities])
+        save_manifest(folder, "reconstruct", "Whole-layer reconstructions, known vs fixed switches (Zhang et al. 2016)",
+                      [{"png": png.relative_to(folder).as_posix(), "caption": caption} for png, caption in made],
+                      failures)
+        report.write_report(self.out)
+        return ReconstructReport(folder, similarities, [png for png, _ in made], self.notes, failures)
+
+    def _similarity(self, path: Path, layer: Layer, switches: str, image: torch.Tensor,
+                    pixels: torch.Tensor) -> Similarity:
+        name = str(layer.number) if layer.number else layer.name
+        return Similarity(path, name, switches, pearson(image, pixels), ssim(display(image), display(pixels)))
+
+    def _save(self, folder: Path, path: Path, layer: Layer, image: torch.Tensor, pixels: dict[str, torch.Tensor],
+              rows: list[Similarity]) -> tuple[Path, str]:
+        """Write ``reconstruct_<layer>.png`` and ``.npz``; return the PNG and its caption."""
+        stem = f"reconstruct_{layer.slug}"
+        arrays = {"input": image.numpy().astype(np.float32), "layer": np.int64(layer.number or 0),
+                  "module": np.str_(layer.name)}
+        for row in rows:
+            arrays[row.switches] = pixels[row.switches].numpy().astype(np.float32)
+            arrays[f"{row.switches}_pearson"] = np.float64(row.pearson)
+            arrays[f"{row.switches}_ssim"] = np.float64(row.ssim)
+        save_npz(folder / f"{stem}.npz", **arrays)
+        panels = [render.fit(render.to_rgb(display(image)))]
+        panels += [render.fit(render.to_rgb(display(pixels[row.switches]))) for row in rows]
+        labels = ["input"] + [f"{row.switches}: r={row.pearson:.2f} SSIM={row.ssim:.2f}" for row in rows]
+        title = f"{path.name}: {layer.label} of {self.model.name}, whole layer"
+        figure = save_png(folder / f"{stem}.png", render.stack([render.labelled_row(panels, labels)], title))
+        caption = f"{path.name}, {layer.label}: " + ", ".join(f"{r.switches} r={r.pearson:.2f}" for r in rows)
+        return figure, caption
