@@ -59,6 +59,8 @@ def transformed(images: torch.Tensor, transform: str, amount: float) -> torch.Te
     if is_identity(transform, amount):
         return images
     if transform == "translate":
+        if amount != int(amount):
+            raise VizDeconvError(f"translation by {amount} pixels: translations are whole pixels")
         return translate(images, int(amount))
     if transform == "scale":
         if amount <= 0:
@@ -76,8 +78,10 @@ def translate(images: torch.Tensor, rows: int) -> torch.Tensor:
     """Rows shifted down by ``rows`` (up when negative); the uncovered rows are 0."""
     out = torch.zeros_like(images)
     height = images.shape[2]
+    if abs(rows) >= height:
+        return out
     if rows >= 0:
-        out[:, :, rows:] = images[:, :, : max(height - rows, 0)]
+        out[:, :, rows:] = images[:, :, : height - rows]
     else:
         out[:, :, : height + rows] = images[:, :, -rows:]
     return out
