@@ -68,11 +68,14 @@ class _FixedUnpooling(TorchFunctionMode):
 
 
 def top_left(x: torch.Tensor, size: tuple[int, int], *geometry: tuple[int, int, int, int]) -> torch.Tensor:
-    """Each window's top-left cell inside the map, for an ``(h, w)`` output of a pool with per-axis
-    ``(kernel, stride, padding, dilation)`` geometry."""
-    for axis, ((_, stride, padding, _), length) in enumerate(zip(geometry, size)):
-        starts = (torch.arange(length, device=x.device) * stride - padding).clamp(min=0)
-        x = x.index_select(x.dim() - 2 + axis, starts)
+    """Each window's top-left cell inside the map (its first cell, or where padding puts that outside the
+    map, its first cell inside it), for an ``(h, w)`` output of a pool with per-axis ``(kernel, stride,
+    padding, dilation)`` geometry."""
+    for axis, ((_, stride, padding, dilation), length) in enumerate(zip(geometry, size)):
+        corners = torch.arange(length, device=x.device) * stride - padding
+        # a corner in the padding: the window's first cell in the map, a whole number of dilations on
+        cells = torch.where(corners < 0, corners + (-corners + dilation - 1) // dilation * dilation, corners)
+        x = x.index_select(x.dim() - 2 + axis, cells)
     return x
 
 

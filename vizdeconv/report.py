@@ -196,7 +196,8 @@ h1 { font-size: 1.3em; margin: .3em 0; } h2 { margin-top: 1.5em; }
 .channel span { font-size: 13px; }
 .figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 16px; }
 figure { margin: 0; } figcaption { font-size: 13px; }
-section[data-kind="filters"] .figures { grid-template-columns: minmax(0, 1200px); }  /* sheets: read at full size */
+section:is([data-kind="filters"], [data-kind="invariance"], [data-kind="correspondence"]) .figures {
+  grid-template-columns: minmax(0, 1300px); }  /* sheets, charts and tables: read at full size */
 table.occlusion { border-collapse: collapse; } .occlusion td, .occlusion th { border-bottom: 1px solid #ddd;
   padding: 4px 8px; text-align: left; vertical-align: middle; } .occlusion img { width: 360px; display: block; }
 .failed { color: #a33; margin: .5em 0; }

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from vizdeconv import render, report
-from vizdeconv.errors import ImageError, LayerError
+from vizdeconv.errors import ImageError, LayerError, VizDeconvError
 from vizdeconv.jobs import Progress, find_outputs, no_progress, reading, save_manifest
 from vizdeconv.layers import Layer, trace_layers
 from vizdeconv.models import LoadedModel
@@ -79,7 +79,8 @@ class ReconstructJob:
                 raise LayerError(f"vizdeconv has no rule for {layer.point.unknown}, which runs below {layer.label}")
         unknown = [s for s in switches if s not in SWITCHES]
         if unknown or not switches:
-            raise LayerError(f"unknown switches {unknown[0] if unknown else ''!r}; expected {' and/or '.join(SWITCHES)}")
+            raise VizDeconvError(f"unknown switches {unknown[0] if unknown else ''!r}; expected "
+                                 f"{' and/or '.join(SWITCHES)}")
         self.model, self.switches = model, list(dict.fromkeys(switches))
         self.out, self.batch_size = Path(out), batch_size
 
@@ -97,12 +98,13 @@ class ReconstructJob:
         similarities, made = [], []
         for batch in reading(self.model, images, failures, progress, "reconstructing", batch_size=self.batch_size):
             inputs = batch.images.to(self.model.device)
-            for layer in self.layers:
-                pixels = {s: reconstruct(self.model, layer, inputs, switches=s).cpu() for s in self.switches}
-                for i, path in enumerate(batch.paths):
-                    rows = [self._similarity(path, layer, s, batch.images[i], pixels[s][i]) for s in self.switches]
-                    made.append(self._save(folders[path], path, layer, batch.images[i],
-                                           {s: pixels[s][i] for s in self.switches}, rows))
+            pixels = {(layer, s): reconstruct(self.model, layer, inputs, switches=s).cpu()
+                      for layer in self.layers for s in self.switches}
+            for i, (path, image) in enumerate(zip(batch.paths, batch.images)):
+                for layer in self.layers:
+                    kept = {s: pixels[layer, s][i] for s in self.switches}
+                    rows = [self._similarity(path, layer, s, image, kept[s]) for s in self.switches]
+                    made.append(self._save(folders[path], path, layer, image, kept, rows))
                     similarities.extend(rows)
         save_csv(folder / "similarity.csv", ("image", "layer", "switches", "pearson", "ssim"),
                  [(os.path.abspath(s.image), s.layer, s.switches, f"{s.pearson:.6f}", f"{s.ssim:.6f}")
