@@ -54,8 +54,8 @@ def read_parts(path: str | os.PathLike) -> dict[str, dict[str, Box]]:
 
 
 def match_parts(parts: dict[str, dict[str, Box]], images: Sequence[Path], source: str) -> list[str]:
-    """The part names, in ``PARTS.json``'s order, after checking that every image has an entry
-    (by file name, or path as given) with the same parts.
+    """The part names, in the order they first appear in ``PARTS.json``, after checking that every image
+    has an entry (by file name, or path as given) with the same parts.
 
     Raises:
         VizDeconvError: an image without an entry, or with other parts than the first image.
@@ -64,13 +64,13 @@ def match_parts(parts: dict[str, dict[str, Box]], images: Sequence[Path], source
     for path in images:
         boxes = boxes_of(parts, path, source)
         if names is None:
-            names, first = list(boxes), path
-        elif set(boxes) != set(names):
+            names, first = set(boxes), path
+        elif set(boxes) != names:
             missing, extra = sorted(set(names) - set(boxes)), sorted(set(boxes) - set(names))
             raise VizDeconvError(f"{source}: {path.name} has parts {sorted(boxes)} but {first.name} has "
                                  f"{sorted(names)}" + (f"; unknown part {extra[0]!r}" if extra else
                                                        f"; missing {missing[0]!r}") + " (every image needs the same parts)")
-    return names or []
+    return [part for part in dict.fromkeys(p for boxes in parts.values() for p in boxes) if part in (names or ())]
 
 
 def boxes_of(parts: dict[str, dict[str, Box]], path: Path, source: str) -> dict[str, Box]:

@@ -143,17 +143,24 @@ class CorrespondenceJob:
         return pictures
 
     def _features(self, pictures: list[Image.Image], progress: Progress) -> tuple[list[torch.Tensor], list[int]]:
-        """Each layer's ``(len(pictures), D)`` feature vectors, and each picture's top-1 class."""
+        """Each layer's ``(len(pictures), D)`` feature vectors, and each picture's top-1 class.
+
+        Every pass runs at one batch size (the last padded with copies of its first picture): a
+        kernel chosen for another size may round differently, and an entry the mask cannot reach
+        must come out bit for bit the same, or its rounding noise would count as a sign.
+        """
         stage = "masking parts"
         progress(stage, 0, len(pictures))
         vectors, classes = [[] for _ in self.layers], []
-        for start in range(0, len(pictures), self.batch_size):
-            chunk = pictures[start:start + self.batch_size]
-            batch = torch.stack([self.model.preprocess(picture) for picture in chunk]).to(self.model.device)
-            outputs, logits = features(self.model, self.layers, batch)
+        size = min(self.batch_size, len(pictures))
+        for start in range(0, len(pictures), size):
+            chunk = pictures[start:start + size]
+            batch = torch.stack([self.model.preprocess(picture) for picture in chunk])
+            batch = torch.cat([batch, batch[:1].expand(size - len(chunk), *batch.shape[1:])])
+            outputs, logits = features(self.model, self.layers, batch.to(self.model.device))
             for kept, output in zip(vectors, outputs):
-                kept.append(output.cpu())
-            classes.extend(logits.argmax(1).tolist())
+                kept.append(output[:len(chunk)].cpu())
+            classes.extend(logits[:len(chunk)].argmax(1).tolist())
             progress(stage, start + len(chunk), len(pictures))
         return [torch.cat(kept) for kept in vectors], classes
 
