@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
 SAMPLES := sample_images/fashion-mnist
+PHOTOS := sample_images/photos
+LITE0_LAYERS := _blocks.10._expand_relu,_head_relu,fc
 DEMO_IMAGES := $(addprefix $(SAMPLES)/,test00000_ankle-boot.png test00001_pullover.png test00008_sandal.png \
 	test00023_ankle-boot.png)
 
@@ -18,13 +20,19 @@ $(READY): setup.cfg pyproject.toml
 	touch $(READY)
 
 # the main job (top-9 grids of layer 5), then occlusion and deconv figures of four samples, the first
-# layer's filter sheet and the features' evolution over training: one report over all of them
+# layer's filter sheet, the features' evolution over training, invariance curves and whole-layer
+# reconstructions of the same samples, and the shipped correspondence example on photos with
+# efficientnet_lite0: one report over all of them
 demo: $(READY)
 	$(BIN)/vizdeconv project --layer 5
 	$(BIN)/vizdeconv occlude $(DEMO_IMAGES)
 	$(BIN)/vizdeconv deconv $(DEMO_IMAGES) --layer 5 --top 3
 	$(BIN)/vizdeconv filters --images $(SAMPLES)
 	$(BIN)/vizdeconv evolution
+	$(BIN)/vizdeconv invariance $(DEMO_IMAGES)
+	$(BIN)/vizdeconv reconstruct $(DEMO_IMAGES)
+	$(BIN)/vizdeconv correspondence --model efficientnet_lite0 --parts $(PHOTOS)/parts.json --layers $(LITE0_LAYERS) \
+		$(addprefix $(PHOTOS)/,astronaut.jpg chelsea-cat.jpg cameraman-grey.png)
 
 test: $(READY)
 	$(BIN)/python -m pytest -q
