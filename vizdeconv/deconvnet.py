@@ -48,12 +48,7 @@ class Deconvnet:
 
     def __init__(self, model: LoadedModel, layers: Layers, layer: Layer, *, rule: str = "deconvnet") -> None:
         check_rule(rule)
-        if len(layer.output_shape) != 3:
-            raise LayerError(f"{layer.label} has output shape {layer.output_shape}; "
-                             "projection needs a spatial (C, H, W) layer")
-        if layer.point.unknown:
-            raise LayerError(f"vizdeconv has no rule for {layer.point.unknown}, which runs below {layer.label}; "
-                             "pick a layer below it (the README lists the ops it knows)")
+        check_projectable(layer)
         self.model, self.layers, self.layer, self.rule = model, layers, layer, rule
         self.walks = rule == "deconvnet" and layers.walks(layer)
 
@@ -108,6 +103,17 @@ class Deconvnet:
         for (image, channel, y, x), value in zip(seeds.tolist(), values):
             hits[image].append(self.layer.hit(paths[image], channel, (y, x), value, self.model.input_size))
         return hits
+
+
+def check_projectable(layer: Layer) -> None:
+    """Raise ``LayerError`` unless the deconvnet can go down from ``layer``: a spatial output, and a
+    rule for every op below it."""
+    if len(layer.output_shape) != 3:
+        raise LayerError(f"{layer.label} has output shape {layer.output_shape}; "
+                         "projection needs a spatial (C, H, W) layer")
+    if layer.point.unknown:
+        raise LayerError(f"vizdeconv has no rule for {layer.point.unknown}, which runs below {layer.label}; "
+                         "pick a layer below it (the README lists the ops it knows)")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from vizdeconv import render, report
+from vizdeconv.deconvnet import check_projectable
 from vizdeconv.errors import ImageError, LayerError, VizDeconvError
 from vizdeconv.jobs import Progress, find_outputs, no_progress, reading, save_manifest
 from vizdeconv.layers import Layer, trace_layers
@@ -72,11 +73,7 @@ class ReconstructJob:
         if not self.layers:
             raise LayerError(f"{model.name} has no numbered layers; name modules with --layer (see `vizdeconv layers`)")
         for layer in self.layers:
-            if len(layer.output_shape) != 3:
-                raise LayerError(f"{layer.label} has output shape {layer.output_shape}; "
-                                 "reconstruction needs a spatial (C, H, W) layer")
-            if layer.point.unknown:
-                raise LayerError(f"vizdeconv has no rule for {layer.point.unknown}, which runs below {layer.label}")
+            check_projectable(layer)
         unknown = [s for s in switches if s not in SWITCHES]
         if unknown or not switches:
             raise VizDeconvError(f"unknown switches {unknown[0] if unknown else ''!r}; expected "
