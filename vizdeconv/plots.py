@@ -79,6 +79,6 @@ def correspondence_figure(title: str, pictures: Sequence[Image.Image], names: Se
     rows = list(parts) + ["random"]
     cells = [[f"{table[row, layer][0]:.3f} ± {table[row, layer][1]:.3f}" for layer in layers] for row in rows]
     drawn = ax.table(cellText=cells, rowLabels=rows, colLabels=[f"layer {layer}" if layer.isdigit() else layer for layer in layers], loc="center",
-                     rowColours=colours + ["white"])
+                     rowColours=colours + ["white"], cellLoc="center")
     drawn.scale(1, 1.3)
     return to_image(figure)
