@@ -19,7 +19,7 @@ from vizdeconv import plots, report
 from vizdeconv.errors import ImageError, VizDeconvError
 from vizdeconv.features import FeatureLayer, feature_layers
 from vizdeconv.invariance import TRANSFORMS, Measurement, check_transform, default_amounts, measure
-from vizdeconv.jobs import Progress, find_inputs, no_progress, reading, save_manifest
+from vizdeconv.jobs import Progress, find_inputs, no_progress, save_manifest
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel
 from vizdeconv.occlusion import parse_target
@@ -89,7 +89,6 @@ class InvarianceJob:
         return parsed
 
     def run(self, paths: Iterable[str | os.PathLike], progress: Progress = no_progress) -> InvarianceReport:
-        paths = list(paths)
         images, failures = find_inputs(paths)
         unknown = [name for name in self.targets if name is not None and name not in {p.name for p in images}]
         if unknown:
@@ -97,16 +96,22 @@ class InvarianceJob:
         done: list[Path] = []
         classes: list[int] = []
         steps = {t: {"distances": [], "p_true": []} for t in self.amounts}
-        for batch in reading(self.model, images, failures, progress, "transforming", batch_size=self.batch_size):
+        stage, per_image = "transforming", sum(map(len, self.amounts.values()))
+        progress(stage, 0, len(images) * per_image)  # image-amount pairs: a batch of few images is long
+        for batch in self.model.read(images, failures, batch_size=self.batch_size):
             targets = [self.targets.get(path.name, self.targets.get(None)) for path in batch.paths]
-            measured: list[Measurement] = list(measure(self.model, self.layers, batch.images.to(self.model.device),
-                                                       self.amounts, targets))
+            measured: list[Measurement] = []
+            for step in measure(self.model, self.layers, batch.images.to(self.model.device), self.amounts, targets):
+                measured.append(step)
+                progress(stage, (batch.done - len(batch.paths)) * per_image + len(measured) * len(batch.paths),
+                         len(images) * per_image)
             for transform in self.amounts:
                 rows = [m for m in measured if m.transform == transform]
                 steps[transform]["distances"].append(np.stack([m.distances.numpy() for m in rows], axis=-1))
                 steps[transform]["p_true"].append(np.stack([m.p_true.numpy() for m in rows], axis=-1))
             done.extend(batch.paths)
             classes.extend(measured[0].classes.tolist())
+        progress(stage, len(images) * per_image, len(images) * per_image)
         if not done:
             raise VizDeconvError("no image could be read: " + "; ".join(str(f) for f in failures[:3]))
         distances = {t: np.concatenate(s["distances"], axis=1) for t, s in steps.items()}
