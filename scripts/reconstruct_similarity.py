@@ -11,7 +11,6 @@ per model and layer: the mean Pearson r and SSIM of each kind of switches.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torchvision
 from vizdeconv.embedded import sample_folder
 from vizdeconv.jobs.reconstruct import ReconstructJob
 from vizdeconv.models import LoadedModel, load_model
+from vizdeconv.reconstruct import has_max_pool
 
 PHOTOS = Path(__file__).resolve().parent.parent / "sample_images" / "photos"
 
@@ -45,16 +45,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for model, layers, images in runs:
         job = ReconstructJob(model, layers, out=out / model.name.split()[0])
-        done = job.run([images])
-        pools = {str(layer.number) if layer.number else layer.name: layer.point.below.count("max_pool2d")
-                 for layer in job.layers}
-        for layer in dict.fromkeys(s.layer for s in done.similarities):
-            cells = []
-            for switches in job.switches:
-                rows = [s for s in done.similarities if s.layer == layer and s.switches == switches]
-                cells += [f"{statistics.mean(r.pearson for r in rows):.3f}", f"{statistics.mean(r.ssim for r in rows):.3f}"]
+        means = job.run([images]).means()
+        pools = {layer.key: has_max_pool(layer) for layer in job.layers}
+        for layer in dict.fromkeys(layer for layer, _ in means):
+            cells = [f"{value:.3f}" for switches in job.switches for value in means[layer, switches]]
             print(f"| {model.name} | {layer} | {'yes' if pools[layer] else 'no'} | " + " | ".join(cells) + " |")
-
 
 if __name__ == "__main__":
     main()

@@ -196,15 +196,17 @@ def random_boxes(seed: int, repeats: int, names: list[str]) -> list[dict[str, di
 
 
 def expected_random(arrays, names, seed: int, repeats: int, layer: str) -> tuple[float, float]:
-    """The unordered pair fractions of every repeat and part, pooled."""
-    pooled = []
+    """Each repeat's mean of the unordered pair fractions of all its parts; their mean and population std."""
+    means = []
     for boxes in random_boxes(seed, repeats, names):
+        fractions = []
         for part in PARTS:
             for name in names:
                 y0, x0, y1, x1 = boxes[name][part]
                 assert 0 <= y0 < y1 <= SIDE and 0 <= x0 < x1 <= SIDE
-            pooled += unordered(ordered_fractions([change(arrays[name], boxes[name][part], layer) for name in names]))
-    return mean_std(pooled)
+            fractions += unordered(ordered_fractions([change(arrays[name], boxes[name][part], layer) for name in names]))
+        means.append(sum(fractions) / len(fractions))
+    return mean_std(means)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -466,3 +468,51 @@ def test_no_hooks_are_left_after_a_run_or_an_error(inputs, tmp_path):
     assert len(calls) == 2 and hook_count(model.module) == 0
     assert all(torch.equal(state[k], v) for k, v in model.module.state_dict().items())
     assert not model.module.training
+
+
+# ------------------------------------------------------------------------------- images wider than the input
+
+WIDE = 36
+SEEN = range(12, 24)  # CenterCrop(12) of a 12 × 36 picture keeps columns 12..23
+
+
+def wide_change(array: np.ndarray, box) -> np.ndarray:
+    """ε of ``seen`` for a 12 × 36 picture: the box painted in the whole picture, then the crop."""
+    y0, x0, y1, x1 = box
+    painted = array.astype(np.float64)
+    painted[y0:y1, x0:x1] = FILL
+    diff = (array.astype(np.float64) - painted) / (255.0 * np.array(STD))
+    return diff[:, SEEN.start:SEEN.stop].ravel()
+
+
+def test_boxes_the_crop_removes_are_refused_and_random_ones_redrawn(tmp_path):
+    (tmp_path / "in").mkdir()
+    arrays = {}
+    for index, name in enumerate(NAMES[:3]):
+        arrays[name] = np.random.default_rng(200 + index).integers(0, 256, (SIDE, WIDE, 3), dtype=np.uint8)
+        Image.fromarray(arrays[name]).save(tmp_path / "in" / name)
+    boxes = {"a.png": {"eye": [1, 13, 4, 16]}, "b.png": {"eye": [5, 20, 8, 25]}, "c.png": {"eye": [2, 14, 4, 17]}}
+    paths = [tmp_path / "in" / name for name in NAMES[:3]]
+    done = CorrespondenceJob(handset_model(), write_parts(tmp_path / "parts.json", boxes), "seen", random=4,
+                             seed=3, out=tmp_path / "out").run(paths)
+    assert not done.failures
+    rng, means = np.random.default_rng(3), []
+    for _ in range(4):  # the documented draws, a box the crop removes entirely drawn again
+        changes = []
+        for name in NAMES[:3]:
+            y0, x0, y1, x1 = boxes[name]["eye"]
+            while True:
+                top, left = int(rng.integers(0, SIDE - (y1 - y0) + 1)), int(rng.integers(0, WIDE - (x1 - x0) + 1))
+                if left < SEEN.stop and left + x1 - x0 > SEEN.start:
+                    break
+            changes.append(wide_change(arrays[name], [top, left, top + y1 - y0, left + x1 - x0]))
+        means.append(np.mean(unordered(ordered_fractions(changes))))
+    assert done.table["random", "seen"] == pytest.approx(mean_std(means), rel=1e-9, abs=1e-12)
+    expected = mean_std(unordered(ordered_fractions([wide_change(arrays[n], boxes[n]["eye"]) for n in NAMES[:3]])))
+    assert done.table["eye", "seen"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+    boxes["c.png"] = {"eye": [2, 1, 4, 10]}  # wholly left of the crop
+    done = CorrespondenceJob(handset_model(), write_parts(tmp_path / "parts.json", boxes), "seen", random=1,
+                             out=tmp_path / "again").run(paths)
+    (failure,) = done.failures
+    assert Path(failure.path).name == "c.png" and "crops" in str(failure)

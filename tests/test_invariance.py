@@ -26,7 +26,7 @@ from torch import nn
 from vizdeconv.cli import main
 from vizdeconv.errors import LayerError, VizDeconvError
 from vizdeconv.features import feature_layers, features
-from vizdeconv.invariance import default_amounts, measure, transformed
+from vizdeconv.invariance import default_amounts, measure, parse_amounts, transformed
 from vizdeconv.jobs.invariance import InvarianceJob
 from vizdeconv.layers import trace_layers
 
@@ -490,3 +490,33 @@ def test_cli_usage_errors_are_one_line_with_exit_code_2(tmp_path):
         assert result.exit_code == 2, args
         assert message in result.stderr and "Traceback" not in result.output
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_amounts_from_the_command_line():
+    assert parse_amounts("rotate=0:90:15") == ("rotate", [0.0, 15.0, 30.0, 45.0, 60.0, 75.0, 90.0])
+    assert parse_amounts("scale=0.6:1:0.1") == ("scale", [0.6, 0.7, 0.8, 0.9, 1.0])  # the stop despite rounding
+    assert parse_amounts("translate=-3:4:2") == ("translate", [-3.0, -1.0, 1.0, 3.0])  # 4 is not reached
+    assert parse_amounts(" scale = 0.5,1,2") == ("scale", [0.5, 1.0, 2.0])
+    for bad in ("rotate", "rotate=", "rotate=0:90", "rotate=0:90:0", "rotate=90:0:10", "rotate=a,b"):
+        with pytest.raises(VizDeconvError, match="--amounts"):
+            parse_amounts(bad)
+    with pytest.raises(VizDeconvError, match="unknown transform 'shear'"):
+        parse_amounts("shear=0:1:1")
+
+
+def test_cli_amounts_and_a_run_where_every_file_fails(tmp_path):
+    image = FASHION / "test00000_ankle-boot.png"
+    result = CliRunner().invoke(main, ["invariance", str(image), "--transform", "rotate", "--amounts",
+                                       "rotate=0:90:45", "--out", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "invariance" / "invariance.csv", newline="") as file:
+        assert sorted({float(row["amount"]) for row in csv.DictReader(file)}) == [0.0, 45.0, 90.0]
+    result = CliRunner().invoke(main, ["invariance", str(image), "--transform", "scale", "--amounts",
+                                       "rotate=0:90:45", "--out", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 2 and "not among the transforms" in result.stderr
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a picture")
+    result = CliRunner().invoke(main, ["invariance", str(broken), "--out", str(tmp_path / "none")],
+                                catch_exceptions=False)
+    assert result.exit_code == 1 and "failed:" in result.stderr and "broken.png" in result.stderr
+    assert json.loads((tmp_path / "none" / "invariance" / "index.json").read_text())["failed"]

@@ -28,6 +28,7 @@ from rich.text import Text
 
 from vizdeconv import distributed, ops
 from vizdeconv.errors import ImageError, VizDeconvError
+from vizdeconv.invariance import parse_amounts
 from vizdeconv.jobs import no_progress, read_list
 from vizdeconv.jobs.correspondence import CorrespondenceJob
 from vizdeconv.jobs.deconv import DeconvJob
@@ -144,6 +145,12 @@ def _say(text: str) -> None:
     """A result line on stdout; under torchrun only rank 0 speaks for the job."""
     if distributed.current().main:
         out.print(text)
+
+
+def _note(text: str) -> None:
+    """A remark on the input on stderr (rank 0's under torchrun)."""
+    if distributed.current().main:
+        err.print(f"[yellow]note:[/] {escape(text)}")
 
 
 def _finish(done: int, failures: list[ImageError], what: str, out_dir: Path | None = None) -> None:
@@ -379,21 +386,26 @@ def evolution_command(model: LoadedModel, batch_size: int, checkpoints: tuple[Pa
               help="Layer numbers, module names, and fc (the input of the last nn.Linear: the paper's layer 7).")
 @click.option("--transform", "transforms", default="translate,scale,rotate", show_default=True,
               help="Transformations, in row order (the README defines each and its default amounts).")
+@click.option("--amounts", "amount_specs", multiple=True, metavar="TRANSFORM=START:STOP:STEP",
+              help="Amounts of one transformation instead of its defaults, e.g. rotate=0:90:15 or "
+                   "scale=0.5,1,2 (repeatable).")
 @click.option("--target", "targets", multiple=True,
               help="True class (index or name) for every image, or IMAGE=CLASS for one (repeatable) "
                    "[default: the top-1 class of the untransformed image].")
 @out_option
 def invariance_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int, layer_spec: str,
-                       transforms: str, targets: tuple[str, ...], out_dir: Path) -> None:
+                       transforms: str, amount_specs: tuple[str, ...], targets: tuple[str, ...], out_dir: Path) -> None:
     """Feature distances and p(true class) under translation, scaling and rotation (paper Fig. 5), into OUT/invariance."""
     job = InvarianceJob(model, layer_spec, transforms=[t.strip() for t in transforms.split(",") if t.strip()],
-                        targets=targets, out=out_dir, batch_size=batch_size)
+                        amounts=dict(map(parse_amounts, amount_specs)), targets=targets, out=out_dir,
+                        batch_size=batch_size)
     with progress_bars() as bars:
         done = job.run(paths, progress=bars)
-    for transform, amounts in done.amounts.items():
-        _say(f"{transform}: {len(amounts)} amounts, {amounts[0]:g} to {amounts[-1]:g}; mean p(true class) "
-             f"{done.p_true[transform].mean():.3f}, lowest {done.p_true[transform].min():.3f}")
-    _say(f"→ {escape(str(done.figure))}, {escape(done.table.name)}")
+    if done.figure:
+        for transform, amounts in done.amounts.items():
+            _say(f"{transform}: {len(amounts)} amounts, {amounts[0]:g} to {amounts[-1]:g}; mean p(true class) "
+                 f"{done.p_true[transform].mean():.3f}, lowest {done.p_true[transform].min():.3f}")
+        _say(f"→ {escape(str(done.figure))}, {escape(done.table.name)}")
     _finish(len(done.images), done.failures, "images measured", out_dir)
 
 
@@ -414,7 +426,7 @@ def correspondence_command(model: LoadedModel, paths: tuple[str, ...], batch_siz
     with progress_bars() as bars:
         done = job.run(paths, progress=bars)
     for note in done.notes:
-        err.print(f"[yellow]note:[/] {escape(note)}")
+        _note(note)
     table = Table("part", *(layer.label for layer in done.layers), title="mean sign change Δ ± std (lower: more consistent)")
     for part in done.parts:
         table.add_row(escape(part), *(f"{done.table[part, layer.name][0]:.3f} ± {done.table[part, layer.name][1]:.3f}"
@@ -437,17 +449,14 @@ def reconstruct_command(model: LoadedModel, paths: tuple[str, ...], batch_size: 
     job = ReconstructJob(model, layer_spec, switches=[s.strip() for s in switches.split(",") if s.strip()],
                          out=out_dir, batch_size=batch_size)
     for note in job.notes:
-        err.print(f"[yellow]note:[/] {escape(note)}")
+        _note(note)
     with progress_bars() as bars:
         done = job.run(paths, progress=bars)
+    means = done.means()
     table = Table("layer", *(f"{s} r / SSIM" for s in job.switches), title="mean similarity to the input")
-    for layer in dict.fromkeys(s.layer for s in done.similarities):
-        cells = []
-        for switch in job.switches:
-            rows = [s for s in done.similarities if s.layer == layer and s.switches == switch]
-            cells.append(f"{sum(r.pearson for r in rows) / len(rows):.3f} / {sum(r.ssim for r in rows) / len(rows):.3f}")
-        table.add_row(escape(layer), *cells)
-    if distributed.current().main and done.similarities:
+    for layer in dict.fromkeys(layer for layer, _ in means):
+        table.add_row(escape(layer), *(f"{means[layer, s][0]:.3f} / {means[layer, s][1]:.3f}" for s in job.switches))
+    if distributed.current().main and means:
         out.print(table)
     _finish(len({s.image for s in done.similarities}), done.failures,
             f"images reconstructed into {escape(str(done.folder))}", out_dir)

@@ -4,16 +4,21 @@ Mask the same part (a box in each image) and see whether a layer's features chan
 in every image. For image i, ε_i = f(x_i) − f(masked x_i), the change of the layer's feature
 vector. For a pair of images, the sign change is the fraction of the vector's entries where
 sign(ε_i) ≠ sign(ε_j), signs in {−1, 0, 1}: a Hamming distance divided by the vector's length.
-Δ is its mean over the pairs i ≠ j (ordered or not: the distance is symmetric, so both means
-are the same), with the standard deviation over the pairs beside it, as the paper's ±. Lower Δ
-than the random control means the layer relates that part consistently across images.
+For a part, Δ is its mean over the pairs i ≠ j (ordered or not: the distance is symmetric, so
+both means are the same), with the standard deviation over the pairs beside it, as the paper's
+±. The random control masks, in each repeat, a box of each part's size at a random place in each
+image; its Δ is the mean over repeats of each repeat's mean sign change (over its pairs and
+parts), with the standard deviation over the repeats. Lower Δ than the random control means the
+layer relates that part consistently across images.
 
 Boxes are ``[y0, x0, y1, x1]`` in pixels of the original file, end exclusive; a masked box is
-painted with the dataset mean colour before preprocessing, so it is 0 after normalisation.
+painted with the dataset mean colour (to 8 bits) before preprocessing, so it is about 0 after
+normalisation (exactly 0 but for the rounding and the edges that resizing blurs).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -46,7 +51,7 @@ def read_parts(path: str | os.PathLike) -> dict[str, dict[str, Box]]:
         for part, box in boxes.items():
             if part == RANDOM:
                 raise VizDeconvError(f"{path}: {image}: 'random' names the control; call the part something else")
-            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box)):
+            if not (isinstance(box, list) and len(box) == 4 and all(type(v) is int for v in box)):
                 raise VizDeconvError(f"{path}: {image}: {part!r} should be [y0, x0, y1, x1] in whole pixels, "
                                      f"got {json.dumps(box)}")
         parts[image] = {part: tuple(box) for part, box in boxes.items()}
@@ -106,10 +111,11 @@ def random_box(rng: np.random.Generator, size: tuple[int, int], image: tuple[int
 
 
 def sign_changes(changes: torch.Tensor) -> torch.Tensor:
-    """Per pair i < j of the ``(n, D)`` feature changes ε, the fraction of entries whose signs differ."""
+    """Per pair i < j of the ``(n, D)`` feature changes ε, the fraction of entries whose signs differ
+    (pair by pair: D may be large)."""
     signs = torch.sign(changes)
-    first, second = torch.triu_indices(len(changes), len(changes), offset=1)
-    return (signs[first] != signs[second]).double().mean(1)
+    return torch.tensor([(signs[i] != signs[j]).sum(dtype=torch.float64).item() / signs.shape[1]
+                         for i, j in itertools.combinations(range(len(signs)), 2)], dtype=torch.float64)
 
 
 def delta(pairs: torch.Tensor) -> tuple[float, float]:

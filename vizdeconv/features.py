@@ -1,8 +1,8 @@
 """Feature vectors of whole layers, for the analyses that compare images through them.
 
 A feature layer is a layer of ``Layers.layer`` (paper number, module name, ``name@k``), whose
-feature vector is its whole output flattened, or ``fc``: the input of the model's last
-``nn.Linear``, the penultimate fully-connected layer the classifier reads (Zeiler & Fergus's
+feature vector is its whole output flattened, or ``fc``: the input of the last ``nn.Linear`` to
+run in a forward pass, the penultimate fully-connected layer the classifier reads (Zeiler & Fergus's
 "layer 7" for AlexNet-like models; ResNets' pooled features).
 """
 
@@ -34,7 +34,7 @@ class FeatureLayer:
         name: what tables call it: the paper number (``5``), the module name, or ``fc``.
         label: for figures: ``layer 5 (features.11)`` or ``fc (input of classifier.6)``.
         point: the module output read, or None for ``fc``.
-        linear: for ``fc``, the last ``nn.Linear``'s module name.
+        linear: for ``fc``, the module name of the last ``nn.Linear`` to run.
     """
 
     name: str
@@ -44,7 +44,8 @@ class FeatureLayer:
 
 
 def feature_layers(model: LoadedModel, layers: Layers, spec: str) -> list[FeatureLayer]:
-    """Resolve ``1,5,fc`` (each part a ``Layers.layer`` spec or ``fc``), in the order given, each once.
+    """Resolve ``1,5,fc`` (each part a ``Layers.layer`` spec or ``fc``: the input of the last ``nn.Linear``
+    to run in a forward pass), in the order given, each once.
 
     Raises:
         LayerError: a part names no layer, or ``fc`` on a model without an ``nn.Linear``.
@@ -52,14 +53,14 @@ def feature_layers(model: LoadedModel, layers: Layers, spec: str) -> list[Featur
     chosen: dict[str, FeatureLayer] = {}
     for part in (p.strip() for p in str(spec).split(",")):
         if part.lower() == FC:
-            linears = [name for name, module in model.module.named_modules() if isinstance(module, nn.Linear)]
+            modules = dict(model.module.named_modules())
+            linears = [name for name in layers.graph.calls if isinstance(modules.get(name), nn.Linear)]
             if not linears:
-                raise LayerError(f"{model.name} has no nn.Linear, so no fully-connected layer for 'fc'")
+                raise LayerError(f"{model.name} runs no nn.Linear, so it has no fully-connected layer for 'fc'")
             chosen[FC] = FeatureLayer(FC, f"fc (input of {linears[-1]})", linear=linears[-1])
         elif part:
             layer = layers.layer(part)
-            name = str(layer.number) if layer.number else layer.name
-            chosen[name] = FeatureLayer(name, layer.label, point=layer.point)
+            chosen[layer.key] = FeatureLayer(layer.key, layer.label, point=layer.point)
     if not chosen:
         raise LayerError("no layer given")
     return list(chosen.values())
@@ -86,6 +87,6 @@ def features(model: LoadedModel, chosen: list[FeatureLayer], images: torch.Tenso
     with contextlib.ExitStack() as stack:
         recorders = [stack.enter_context(_LinearInput(model.module, layer.linear) if layer.point is None
                                          else PointRecorder(model.module, layer.point)) for layer in chosen]
-        logits = model.module(images)
+        logits = model.module(images.clone())  # clone: a model may work on its input in place
     vectors = [(r.input if isinstance(r, _LinearInput) else r.output.flatten(1)).float() for r in recorders]
     return vectors, logits.float()

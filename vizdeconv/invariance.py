@@ -44,6 +44,32 @@ def default_amounts(transform: str, side: int) -> list[float]:
     return [float(angle) for angle in range(0, 361, 10)]
 
 
+def parse_amounts(text: str) -> tuple[str, list[float]]:
+    """``rotate=0:90:15`` (start, stop and step, the stop included when the steps reach it) or
+    ``rotate=0,45,90`` → the transformation and its amounts.
+
+    Raises:
+        VizDeconvError: anything else, with the forms it takes.
+    """
+    transform, equals, values = text.partition("=")
+    transform = transform.strip()
+    try:
+        check_transform(transform)
+        if ":" in values:
+            start, stop, step = (float(v) for v in values.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(math.floor((stop - start) / step + 1e-9)) + 1
+            return transform, [round(start + i * step, 10) for i in range(count)]
+        amounts = [float(v) for v in values.split(",")]
+        if not equals or not amounts:
+            raise ValueError
+        return transform, amounts
+    except ValueError:
+        raise VizDeconvError(f"--amounts {text!r}: expected TRANSFORM=START:STOP:STEP (STOP ≥ START, STEP > 0) "
+                             "or TRANSFORM=A,B,C, e.g. rotate=0:90:15") from None
+
+
 def check_transform(transform: str) -> None:
     if transform not in TRANSFORMS:
         raise VizDeconvError(f"unknown transform {transform!r}; expected one of {', '.join(TRANSFORMS)}")

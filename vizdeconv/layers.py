@@ -176,6 +176,11 @@ class Layer:
         return f"layer {self.number} ({self.name})" if self.number else self.name
 
     @property
+    def key(self) -> str:
+        """What tables call it: the paper number (``5``), or the module name (``layer3``, ``relu@2``)."""
+        return str(self.number) if self.number else self.name
+
+    @property
     def slug(self) -> str:
         """File-name stem: ``layer5``, or the module name for an unnumbered layer (``layer3_1``, ``relu_call2``);
         ``module-`` before a name that would pass for a numbered layer or a job's folder (ResNet's ``layer1``)."""

@@ -70,6 +70,18 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
+    @property
+    def image_channels(self) -> int:
+        """The input channels, 1 (grey) or 3 (RGB): what image files are read as.
+
+        Raises:
+            ModelError: the model takes another number of channels.
+        """
+        if self.input_size[0] not in (1, 3):
+            raise ModelError(f"{self.name} takes {self.input_size[0]} input channels; image files are read as grey "
+                             "(1) or RGB (3)")
+        return self.input_size[0]
+
     def category(self, index: int) -> str:
         """Class ``index``'s name, or the number itself where the model has no names (a bare module)."""
         return self.categories[index] if index < len(self.categories) else str(index)
@@ -124,10 +136,7 @@ class LoadedModel:
             ModelError: the model takes other than 1 (grey) or 3 (RGB) input channels.
             VizDeconvError: ``decode="gpu"`` with preprocessing that cannot run on tensors (timm's, say).
         """
-        if self.input_size[0] not in (1, 3):
-            raise ModelError(f"{self.name} takes {self.input_size[0]} input channels; image files are read as grey "
-                             "(1) or RGB (3)")
-        for batch in read_batches(paths, preprocess=self.preprocess, channels=self.input_size[0],
+        for batch in read_batches(paths, preprocess=self.preprocess, channels=self.image_channels,
                                   background=self.mean, batch_size=batch_size, workers=workers, decode=decode,
                                   device=self.device):
             if isinstance(batch, ImageError):

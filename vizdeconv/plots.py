@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from vizdeconv.correspondence import Box
+from vizdeconv.correspondence import RANDOM, Box
 
 DPI = 100
 UNITS = {"translate": "shift (pixels, down > 0)", "scale": "scale factor", "rotate": "rotation (degrees, anticlockwise)"}
@@ -76,7 +76,7 @@ def correspondence_figure(title: str, pictures: Sequence[Image.Image], names: Se
         ax.axis("off")
     ax = bottom.subplots()
     ax.axis("off")
-    rows = list(parts) + ["random"]
+    rows = list(parts) + [RANDOM]
     cells = [[f"{table[row, layer][0]:.3f} ± {table[row, layer][1]:.3f}" for layer in layers] for row in rows]
     drawn = ax.table(cellText=cells, rowLabels=rows, colLabels=[f"layer {layer}" if layer.isdigit() else layer for layer in layers], loc="center",
                      rowColours=colours + ["white"], cellLoc="center")

@@ -9,7 +9,7 @@ above the table) and ``index.json`` for the report.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from PIL import Image
 from vizdeconv import plots, report
 from vizdeconv.correspondence import (
     RANDOM,
+    Box,
     boxes_of,
     check_box,
     delta,
@@ -38,6 +39,7 @@ from vizdeconv.models import LoadedModel
 from vizdeconv.outputs import save_csv, save_png
 
 FOLDER = "correspondence"
+MAX_DRAWS = 100  # random places tried for a control box before giving up
 CSV_COLUMNS = ("part", "layer", "delta", "delta_std")
 
 
@@ -85,84 +87,129 @@ class CorrespondenceJob:
     def run(self, paths: Iterable[str | os.PathLike], progress: Progress = no_progress) -> CorrespondenceReport:
         images, failures = find_inputs(paths)
         names = match_parts(self.parts, images, self.source)
-        pictures = self._pictures(images, failures)
-        if len(pictures) < 2:
+        seen = self._seen(images, names, failures)
+        if len(seen) < 2:
             raise VizDeconvError("correspondence compares images in pairs: it needs at least 2 readable images, got "
-                                 f"{len(pictures)}" + "".join(f"; {failure}" for failure in failures[:2]))
-        used = list(pictures)
+                                 f"{len(seen)}" + "".join(f"; {failure}" for failure in failures[:2]))
+        used = list(seen)
         boxes = [boxes_of(self.parts, path, self.source) for path in used]
-        rng = np.random.default_rng(self.seed)
-        controls = [[{part: random_box(rng, (b[part][2] - b[part][0], b[part][3] - b[part][1]), _size(pictures[p]))
-                      for part in names} for p, b in zip(used, boxes)] for _ in range(self.random)]
-        # every picture the network sees: the originals, each part masked, each control masked
-        variants = [pictures[p] for p in used]
-        variants += [masked(pictures[p], b[part], self.model.mean) for part in names for p, b in zip(used, boxes)]
-        variants += [masked(pictures[p], control[i][part], self.model.mean)
-                     for control in controls for part in names for i, p in enumerate(used)]
-        vectors, classes = self._features(variants, progress)
-        table = {}
-        n = len(used)
+        controls = self._controls(used, names, boxes, seen)
+        # every input the network sees: the originals, each part masked, each control masked
+        inputs = [seen[p].clean for p in used]
+        inputs += [seen[p].masked[part] for part in names for p in used]
+        inputs += [control[i][part] for control in controls for part in names for i in range(len(used))]
+        vectors, classes = self._features(inputs, progress)
+        table, n = {}, len(used)
         for layer, layer_vectors in zip(self.layers, vectors):
-            clean = layer_vectors[:n]
-            masked_sets = layer_vectors[n:].split(n)
-            for part, masked_vectors in zip(names, masked_sets[:len(names)]):
+            clean, masked_sets = layer_vectors[:n], layer_vectors[n:].split(n)
+            for part, masked_vectors in zip(names, masked_sets):
                 table[part, layer.name] = delta(sign_changes(clean - masked_vectors))
-            table[RANDOM, layer.name] = delta(torch.cat([sign_changes(clean - m) for m in masked_sets[len(names):]]))
+            per_repeat = [torch.cat([sign_changes(clean - m) for m in repeat]).mean().item()
+                          for repeat in _chunks(masked_sets[len(names):], len(names))]
+            table[RANDOM, layer.name] = float(np.mean(per_repeat)), float(np.std(per_repeat))
         top = classes[:n]
         notes = [] if len(set(top)) == 1 else [
-            "the images' top classes differ (" + ", ".join(f"{p.name}: {self.model.category(c)}"
-                                                           for p, c in zip(used, top)) + "); the paper's Table 1 compares images of one class"]
+            "the images' top classes differ (" + ", ".join(f"{p.name}: {self.model.category(c)}" for p, c in zip(used, top))
+            + "); the paper's Table 1 compares images of one class"]
         folder = self.out / FOLDER
         csv = save_csv(folder / "table.csv", CSV_COLUMNS, [
             (part, layer.name, f"{table[part, layer.name][0]:.6f}", f"{table[part, layer.name][1]:.6f}")
             for part in names + [RANDOM] for layer in self.layers])
         figure = save_png(folder / "figure.png", plots.correspondence_figure(
             f"{self.model.name}: sign changes when a part is masked (random: {self.random} repeats, seed {self.seed})",
-            [pictures[p] for p in used], [p.name for p in used], boxes, names, [layer.name for layer in self.layers],
-            table))
+            [seen[p].picture for p in used], [p.name for p in used], boxes, names,
+            [layer.name for layer in self.layers], table))
         save_manifest(folder, "correspondence", "Correspondence of parts across images (paper Table 1)",
                       [{"png": figure.name, "caption": f"{n} images, parts {', '.join(names)}"}], failures)
         report.write_report(self.out)
         return CorrespondenceReport(self.layers, names + [RANDOM], used, table, top, notes, csv, figure, failures)
 
-    def _pictures(self, images: list[Path], failures: list[ImageError]) -> dict[Path, Image.Image]:
-        """The images that load and whose boxes fit them; the others go to ``failures``."""
-        pictures = {}
+    def _seen(self, images: list[Path], names: list[str], failures: list[ImageError]) -> dict[Path, _Seen]:
+        """Each image that loads and whose boxes fit it and reach the model's input; the others go to
+        ``failures``."""
+        seen = {}
         for path in images:
             try:
-                picture = load_image(path, channels=self.model.input_size[0], background=self.model.mean)
-                for part, box in boxes_of(self.parts, path, self.source).items():
+                picture = load_image(path, channels=self.model.image_channels, background=self.model.mean)
+                clean, masks = self.model.preprocess(picture), {}
+                for part in names:
+                    box = boxes_of(self.parts, path, self.source)[part]
                     check_box(box, _size(picture), part)
+                    masks[part] = self._masked_input(picture, box, clean)
+                    if masks[part] is None:
+                        raise VizDeconvError(f"part {part!r} box {list(box)} lies where preprocessing crops the "
+                                             "image: masking it changes nothing the model sees")
             except ImageError as error:
                 failures.append(error)
-                continue
             except VizDeconvError as error:
                 failures.append(ImageError(path, str(error)))
-                continue
-            pictures[path] = picture
-        return pictures
+            else:
+                seen[path] = _Seen(picture, clean, masks)
+        return seen
 
-    def _features(self, pictures: list[Image.Image], progress: Progress) -> tuple[list[torch.Tensor], list[int]]:
-        """Each layer's ``(len(pictures), D)`` feature vectors, and each picture's top-1 class.
+    def _masked_input(self, picture: Image.Image, box: Box, clean: torch.Tensor) -> torch.Tensor | None:
+        """The model's input with ``box`` masked, or None where that changes nothing (cropped away)."""
+        masked_input = self.model.preprocess(masked(picture, box, self.model.mean))
+        return None if torch.equal(masked_input, clean) else masked_input
 
-        Every pass runs at one batch size (the last padded with copies of its first picture): a
-        kernel chosen for another size may round differently, and an entry the mask cannot reach
-        must come out bit for bit the same, or its rounding noise would count as a sign.
+    def _controls(self, used: list[Path], names: list[str], boxes: list[dict[str, Box]],
+                  seen: dict[Path, _Seen]) -> list[list[dict[str, torch.Tensor]]]:
+        """Per repeat, per image, per part: the input with a box of that part's size at a random place
+        (redrawn where preprocessing crops it away entirely)."""
+        rng = np.random.default_rng(self.seed)
+        controls = []
+        for _ in range(self.random):
+            repeat = []
+            for path, image_boxes in zip(used, boxes):
+                picture = seen[path].picture
+                inputs = {}
+                for part in names:
+                    y0, x0, y1, x1 = image_boxes[part]
+                    for _ in range(MAX_DRAWS):
+                        inputs[part] = self._masked_input(picture, random_box(rng, (y1 - y0, x1 - x0), _size(picture)),
+                                                          seen[path].clean)
+                        if inputs[part] is not None:
+                            break
+                    else:
+                        raise VizDeconvError(f"{path.name}: no random place for a box of {part!r}'s size that the "
+                                             f"model sees, in {MAX_DRAWS} draws")
+                repeat.append(inputs)
+            controls.append(repeat)
+        return controls
+
+    def _features(self, inputs: list[torch.Tensor], progress: Progress) -> tuple[list[torch.Tensor], list[int]]:
+        """Each layer's ``(len(inputs), D)`` feature vectors, and each input's top-1 class.
+
+        Every pass runs at one batch size (the last padded with copies of its first input): a kernel
+        chosen for another size may round differently, and an entry the mask cannot reach must come
+        out bit for bit the same, or its rounding noise would count as a sign.
         """
         stage = "masking parts"
-        progress(stage, 0, len(pictures))
+        progress(stage, 0, len(inputs))
         vectors, classes = [[] for _ in self.layers], []
-        size = min(self.batch_size, len(pictures))
-        for start in range(0, len(pictures), size):
-            chunk = pictures[start:start + size]
-            batch = torch.stack([self.model.preprocess(picture) for picture in chunk])
-            batch = torch.cat([batch, batch[:1].expand(size - len(chunk), *batch.shape[1:])])
+        size = min(self.batch_size, len(inputs))
+        for start in range(0, len(inputs), size):
+            chunk = inputs[start:start + size]
+            batch = torch.stack(chunk + chunk[:1] * (size - len(chunk)))
             outputs, logits = features(self.model, self.layers, batch.to(self.model.device))
             for kept, output in zip(vectors, outputs):
                 kept.append(output[:len(chunk)].cpu())
             classes.extend(logits[:len(chunk)].argmax(1).tolist())
-            progress(stage, start + len(chunk), len(pictures))
+            progress(stage, start + len(chunk), len(inputs))
         return [torch.cat(kept) for kept in vectors], classes
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """An image as read (``picture``), its model input, and the input with each part masked."""
+
+    picture: Image.Image
+    clean: torch.Tensor
+    masked: dict[str, torch.Tensor]
+
+
+def _chunks(items: Sequence, size: int) -> list[Sequence]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _size(picture: Image.Image) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from vizdeconv.occlusion import parse_target
 from vizdeconv.outputs import save_csv, save_png
 
 FOLDER = "invariance"
+TITLE = "Invariance to translation, scale and rotation (paper Fig. 5)"
 CSV_COLUMNS = ("image", "transform", "amount", "layer", "distance", "p_true")
 
 
@@ -37,7 +38,8 @@ class InvarianceReport:
         layers: the feature layers, in column order. images: the files measured, in order.
         amounts: transformation → its amounts. classes: each image's true class.
         distances: transformation → ``(layers, images, amounts)``. p_true: transformation → ``(images, amounts)``.
-        figure, table: ``curves.png`` and ``invariance.csv``. failures: files that failed.
+        figure, table: ``curves.png`` and ``invariance.csv`` (None when no image could be read).
+        failures: files that failed.
     """
 
     layers: list[FeatureLayer]
@@ -46,8 +48,8 @@ class InvarianceReport:
     classes: list[int]
     distances: dict[str, np.ndarray]
     p_true: dict[str, np.ndarray]
-    figure: Path
-    table: Path
+    figure: Path | None
+    table: Path | None
     failures: list[ImageError]
 
 
@@ -70,6 +72,10 @@ class InvarianceJob:
             check_transform(transform)
         if not transforms:
             raise VizDeconvError(f"no transform given; expected some of {', '.join(TRANSFORMS)}")
+        unused = [t for t in (amounts or {}) if t not in transforms]
+        if unused:
+            raise VizDeconvError(f"amounts given for {unused[0]}, which is not among the transforms "
+                                 f"({', '.join(transforms)})")
         self.model, self.layers = model, feature_layers(model, trace_layers(model), layers)
         side = model.input_size[1]
         self.amounts = {t: [float(a) for a in (amounts or {}).get(t, default_amounts(t, side))]
@@ -112,17 +118,19 @@ class InvarianceJob:
             done.extend(batch.paths)
             classes.extend(measured[0].classes.tolist())
         progress(stage, len(images) * per_image, len(images) * per_image)
-        if not done:
-            raise VizDeconvError("no image could be read: " + "; ".join(str(f) for f in failures[:3]))
+        folder = self.out / FOLDER
+        if not done:  # nothing to draw; the failures are the report
+            save_manifest(folder, "invariance", TITLE, [], failures)
+            report.write_report(self.out)
+            return InvarianceReport(self.layers, [], self.amounts, [], {}, {}, None, None, failures)
         distances = {t: np.concatenate(s["distances"], axis=1) for t, s in steps.items()}
         p_true = {t: np.concatenate(s["p_true"], axis=0) for t, s in steps.items()}
-        folder = self.out / FOLDER
         table = save_csv(folder / "invariance.csv", CSV_COLUMNS, self._rows(done, distances, p_true))
         figure = save_png(folder / "curves.png", plots.invariance_curves(
             f"{self.model.name}: distance between original and transformed feature vectors, and p(true class)",
             self.amounts, [layer.label for layer in self.layers],
             [f"{path.name} ({self.model.category(c)})" for path, c in zip(done, classes)], distances, p_true))
-        save_manifest(folder, "invariance", "Invariance to translation, scale and rotation (paper Fig. 5)",
+        save_manifest(folder, "invariance", TITLE,
                       [{"png": figure.name, "caption": f"{len(done)} images, layers "
                                                       + ", ".join(layer.name for layer in self.layers)}], failures)
         report.write_report(self.out)

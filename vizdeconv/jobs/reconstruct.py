@@ -8,6 +8,7 @@ in the README); ``similarity.csv`` with a row per image, layer and switches; ``i
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from vizdeconv.reconstruct import SWITCHES, display, has_max_pool, pearson, reco
 from vizdeconv.similarity import ssim
 
 FOLDER = "reconstruct"
+CSV_COLUMNS = ("image", "layer", "switches", "pearson", "ssim")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,14 @@ class ReconstructReport:
     notes: list[str]
     failures: list[ImageError]
 
+    def means(self) -> dict[tuple[str, str], tuple[float, float]]:
+        """``(layer, switches)`` → the mean Pearson r and SSIM over the images, layers in run order."""
+        groups: dict[tuple[str, str], list[Similarity]] = {}
+        for row in self.similarities:
+            groups.setdefault((row.layer, row.switches), []).append(row)
+        return {key: (float(np.mean([r.pearson for r in rows])), float(np.mean([r.ssim for r in rows])))
+                for key, rows in groups.items()}
+
 
 class ReconstructJob:
     """Reconstruct each image from whole layers.
@@ -76,8 +86,8 @@ class ReconstructJob:
             check_projectable(layer)
         unknown = [s for s in switches if s not in SWITCHES]
         if unknown or not switches:
-            raise VizDeconvError(f"unknown switches {unknown[0] if unknown else ''!r}; expected "
-                                 f"{' and/or '.join(SWITCHES)}")
+            raise VizDeconvError((f"unknown switches {unknown[0]!r}" if unknown else "no switches given")
+                                 + f"; expected {' and/or '.join(SWITCHES)}")
         self.model, self.switches = model, list(dict.fromkeys(switches))
         self.out, self.batch_size = Path(out), batch_size
 
@@ -103,9 +113,9 @@ class ReconstructJob:
                     rows = [self._similarity(path, layer, s, image, kept[s]) for s in self.switches]
                     made.append(self._save(folders[path], path, layer, image, kept, rows))
                     similarities.extend(rows)
-        save_csv(folder / "similarity.csv", ("image", "layer", "switches", "pearson", "ssim"),
-                 [(os.path.abspath(s.image), s.layer, s.switches, f"{s.pearson:.6f}", f"{s.ssim:.6f}")
-                  for s in similarities])
+        rows = [(os.path.abspath(s.image), s.layer, s.switches, f"{s.pearson:.6f}", f"{s.ssim:.6f}")
+                for s in similarities]
+        save_csv(folder / "similarity.csv", CSV_COLUMNS, _earlier_rows(folder / "similarity.csv", rows) + rows)
         save_manifest(folder, "reconstruct", "Whole-layer reconstructions, known vs fixed switches (Zhang et al. 2016)",
                       [{"png": png.relative_to(folder).as_posix(), "caption": caption} for png, caption in made],
                       failures)
@@ -114,8 +124,7 @@ class ReconstructJob:
 
     def _similarity(self, path: Path, layer: Layer, switches: str, image: torch.Tensor,
                     pixels: torch.Tensor) -> Similarity:
-        name = str(layer.number) if layer.number else layer.name
-        return Similarity(path, name, switches, pearson(image, pixels), ssim(display(image), display(pixels)))
+        return Similarity(path, layer.key, switches, pearson(image, pixels), ssim(display(image), display(pixels)))
 
     def _save(self, folder: Path, path: Path, layer: Layer, image: torch.Tensor, pixels: dict[str, torch.Tensor],
               rows: list[Similarity]) -> tuple[Path, str]:
@@ -135,3 +144,17 @@ class ReconstructJob:
         figure = save_png(folder / f"{stem}.png", render.stack([render.labelled_row(panels, labels)], title))
         caption = f"{path.name}, {layer.label}: " + ", ".join(f"{r.switches} r={r.pearson:.2f}" for r in rows)
         return figure, caption
+
+
+def _earlier_rows(path: Path, rows: list[tuple]) -> list[list[str]]:
+    """The rows of an earlier run's ``similarity.csv`` for images and layers this run did not redo,
+    so that the file lists every reconstruction the folder holds, as ``index.json`` does."""
+    redone = {(row[0], row[1]) for row in rows}
+    try:
+        with open(path, newline="") as file:
+            earlier = list(csv.reader(file))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []  # none yet, or unreadable: this run's rows start a new file
+    if not earlier or tuple(earlier[0]) != CSV_COLUMNS:
+        return []
+    return [row for row in earlier[1:] if len(row) == len(CSV_COLUMNS) and (row[0], row[1]) not in redone]
