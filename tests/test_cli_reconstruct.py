@@ -58,18 +58,3 @@ def test_usage_errors_are_one_line(tmp_path):
         assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "reconstruct").exists()
 
-
-def test_a_second_run_keeps_the_rows_of_what_it_did_not_redo(tmp_path):
-    assert run("reconstruct", *IMAGES, "--layer", "1,2", "--out", tmp_path).exit_code == 0
-    path = tmp_path / "reconstruct" / "similarity.csv"
-    with open(path) as file:
-        first = {(r["image"], r["layer"], r["switches"]): r for r in csv.DictReader(file)}
-    assert run("reconstruct", IMAGES[0], "--layer", "2", "--switches", "known", "--out", tmp_path).exit_code == 0
-    with open(path) as file:
-        second = {(r["image"], r["layer"], r["switches"]): r for r in csv.DictReader(file)}
-    redone = {key for key in first if key[0] == str(IMAGES[0]) and key[1] == "2"}
-    assert len(redone) == 2
-    assert {key: first[key] for key in first if key not in redone} == \
-        {key: row for key, row in second.items() if key not in redone}
-    assert {key for key in second if key[:2] == (str(IMAGES[0]), "2")} == {(str(IMAGES[0]), "2", "known")}
-    assert second[str(IMAGES[0]), "2", "known"] == first[str(IMAGES[0]), "2", "known"]  # the same numbers again

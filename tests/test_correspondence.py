@@ -516,3 +516,12 @@ def test_boxes_the_crop_removes_are_refused_and_random_ones_redrawn(tmp_path):
                              out=tmp_path / "again").run(paths)
     (failure,) = done.failures
     assert Path(failure.path).name == "c.png" and "crops" in str(failure)
+
+
+def test_a_model_that_reads_no_image_files_is_refused_before_any_image(inputs, tmp_path):
+    paths, _, parts = inputs
+    module = nn.Sequential(nn.Conv2d(4, 2, 1), nn.Flatten(), nn.Linear(2 * SIDE * SIDE, 3))
+    model = LoadedModel.from_module(module, (4, SIDE, SIDE), name="four", device="cpu")
+    with pytest.raises(VizDeconvError, match="takes 4 input channels"):
+        CorrespondenceJob(model, parts, "fc", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -519,4 +519,45 @@ def test_cli_amounts_and_a_run_where_every_file_fails(tmp_path):
     result = CliRunner().invoke(main, ["invariance", str(broken), "--out", str(tmp_path / "none")],
                                 catch_exceptions=False)
     assert result.exit_code == 1 and "failed:" in result.stderr and "broken.png" in result.stderr
-    assert json.loads((tmp_path / "none" / "invariance" / "index.json").read_text())["failed"]
+    assert not (tmp_path / "none" / "invariance").exists()
+    for bad in ("rotate=0:90", "translate=inf", "translate=0:3:0.5", "scale=0:2:1"):
+        result = CliRunner().invoke(main, ["invariance", str(image), "--amounts", bad, "--out", str(tmp_path / "x")],
+                                    catch_exceptions=False)
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, (bad, result.stderr)
+    assert not (tmp_path / "x").exists()  # refused before any work
+
+
+class Head(nn.Module):
+    """The classifier defined first, an auxiliary head defined last that eval never runs, and a
+    first op that works on its input in place."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.aux = nn.Linear(4 * 4 * 4, 7)
+
+    def forward(self, x):
+        x.mul_(2)
+        features = torch.relu(self.conv(x)).flatten(1)
+        return self.aux(features) if self.training else self.head(features)
+
+
+def test_fc_is_the_linear_that_runs_last_and_inputs_are_left_alone():
+    model = wrap(Head(), (1, 4, 4), categories=("a", "b", "c"))
+    (fc,) = feature_layers(model, trace_layers(model), "fc")
+    assert fc.linear == "head"
+    torch.manual_seed(1)
+    images = torch.randn(2, 1, 4, 4)
+    kept = images.clone()
+    (vector,), logits = features(model, [fc], images)
+    torch.testing.assert_close(images, kept, rtol=0, atol=0)  # the model doubled its own copy
+    expected = torch.relu(model.module.conv(kept * 2)).flatten(1)
+    torch.testing.assert_close(vector, expected)
+    torch.testing.assert_close(logits, model.module.head(expected))
+    (step,) = measure(model, [fc], images, {"translate": [1]}, [None])
+    hand = torch.zeros_like(kept)
+    hand[:, :, 1:] = kept[:, :, :-1]
+    moved = torch.relu(model.module.conv(hand * 2)).flatten(1)
+    torch.testing.assert_close(step.distances[0], (expected - moved).norm(dim=1))

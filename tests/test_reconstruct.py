@@ -419,3 +419,11 @@ def test_job_refuses_layers_it_cannot_reconstruct(embedded, layers, match):
 def test_job_refuses_unknown_switches(embedded):
     with pytest.raises(VizDeconvError, match="'learned'"):
         ReconstructJob(embedded, "1", switches=["known", "learned"])
+
+
+def test_top_left_of_a_dilated_window_starts_on_one_of_its_cells():
+    """Kernel 3, stride 2, padding 1, dilation 2 along x: window j covers 2j − 1, 2j + 1, 2j + 3; the
+    first window's corner −1 is padding, so its top-left cell in the map is 1, its own next cell."""
+    x = torch.arange(9.0).view(1, 1, 1, 9)
+    picked = top_left(x, (1, 4), (1, 1, 0, 1), (3, 2, 1, 2))
+    assert picked.flatten().tolist() == [1.0, 1.0, 3.0, 5.0]

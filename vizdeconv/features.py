@@ -2,8 +2,9 @@
 
 A feature layer is a layer of ``Layers.layer`` (paper number, module name, ``name@k``), whose
 feature vector is its whole output flattened, or ``fc``: the input of the last ``nn.Linear`` to
-run in a forward pass, the penultimate fully-connected layer the classifier reads (Zeiler & Fergus's
-"layer 7" for AlexNet-like models; ResNets' pooled features).
+run in a forward pass (by its first call, for one called more than once), the penultimate
+fully-connected layer the classifier reads (Zeiler & Fergus's "layer 7" for AlexNet-like models;
+ResNets' pooled features).
 """
 
 from __future__ import annotations

@@ -92,7 +92,8 @@ class Graph:
 
     points: tuple[Point, ...]
     input_size: tuple[int, int, int]
-    calls: dict[str, int] = field(default_factory=dict)  # module name → calls in one forward pass
+    calls: dict[str, int] = field(default_factory=dict)  # module name → calls in one forward pass, in the
+    # order the modules first returned
     types: dict[str, str] = field(default_factory=dict)  # module name → class name
 
     def point(self, name: str) -> Point:

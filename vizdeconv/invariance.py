@@ -57,17 +57,29 @@ def parse_amounts(text: str) -> tuple[str, list[float]]:
         check_transform(transform)
         if ":" in values:
             start, stop, step = (float(v) for v in values.split(":"))
-            if step <= 0 or stop < start:
+            if not all(map(math.isfinite, (start, stop, step))) or step <= 0 or stop < start:
                 raise ValueError
             count = int(math.floor((stop - start) / step + 1e-9)) + 1
             return transform, [round(start + i * step, 10) for i in range(count)]
         amounts = [float(v) for v in values.split(",")]
-        if not equals or not amounts:
+        if not equals or not all(map(math.isfinite, amounts)):
             raise ValueError
         return transform, amounts
     except ValueError:
-        raise VizDeconvError(f"--amounts {text!r}: expected TRANSFORM=START:STOP:STEP (STOP ≥ START, STEP > 0) "
-                             "or TRANSFORM=A,B,C, e.g. rotate=0:90:15") from None
+        raise VizDeconvError(f"--amounts {text!r}: expected TRANSFORM=START:STOP:STEP (finite, STOP ≥ START, "
+                             "STEP > 0) or TRANSFORM=A,B,C, e.g. rotate=0:90:15") from None
+
+
+def check_amount(transform: str, amount: float) -> None:
+    """Raise ``VizDeconvError`` unless ``amount`` is finite and fits ``transform``: whole pixels for
+    ``translate``, a positive factor for ``scale``."""
+    check_transform(transform)
+    if not math.isfinite(amount):
+        raise VizDeconvError(f"{transform} by {amount}: amounts must be finite numbers")
+    if transform == "translate" and amount != int(amount):
+        raise VizDeconvError(f"translation by {amount} pixels: translations are whole pixels")
+    if transform == "scale" and amount <= 0:
+        raise VizDeconvError(f"scale factor {amount} must be positive")
 
 
 def check_transform(transform: str) -> None:
@@ -81,16 +93,12 @@ def is_identity(transform: str, amount: float) -> bool:
 
 def transformed(images: torch.Tensor, transform: str, amount: float) -> torch.Tensor:
     """``(N, C, H, W)`` preprocessed images moved by ``amount`` (pixels, factor or degrees), mean-filled."""
-    check_transform(transform)
+    check_amount(transform, amount)
     if is_identity(transform, amount):
         return images
     if transform == "translate":
-        if amount != int(amount):
-            raise VizDeconvError(f"translation by {amount} pixels: translations are whole pixels")
         return translate(images, int(amount))
     if transform == "scale":
-        if amount <= 0:
-            raise VizDeconvError(f"scale factor {amount} must be positive")
         inverse = torch.eye(2, dtype=torch.float64) / amount
     else:
         angle = math.radians(amount)

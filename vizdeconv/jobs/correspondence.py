@@ -80,6 +80,7 @@ class CorrespondenceJob:
         if random < 1:
             raise VizDeconvError(f"--random must be at least 1, got {random}")
         self.model, self.layers = model, feature_layers(model, trace_layers(model), layers)
+        self.channels = model.image_channels
         self.source, self.parts = str(parts), read_parts(parts)
         self.random, self.seed = random, seed
         self.out, self.batch_size = Path(out), batch_size
@@ -130,7 +131,7 @@ class CorrespondenceJob:
         seen = {}
         for path in images:
             try:
-                picture = load_image(path, channels=self.model.image_channels, background=self.model.mean)
+                picture = load_image(path, channels=self.channels, background=self.model.mean)
                 clean, masks = self.model.preprocess(picture), {}
                 for part in names:
                     box = boxes_of(self.parts, path, self.source)[part]

@@ -18,7 +18,7 @@ import numpy as np
 from vizdeconv import plots, report
 from vizdeconv.errors import ImageError, VizDeconvError
 from vizdeconv.features import FeatureLayer, feature_layers
-from vizdeconv.invariance import TRANSFORMS, Measurement, check_transform, default_amounts, measure
+from vizdeconv.invariance import TRANSFORMS, Measurement, check_amount, check_transform, default_amounts, measure
 from vizdeconv.jobs import Progress, find_inputs, no_progress, save_manifest
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel
@@ -26,7 +26,6 @@ from vizdeconv.occlusion import parse_target
 from vizdeconv.outputs import save_csv, save_png
 
 FOLDER = "invariance"
-TITLE = "Invariance to translation, scale and rotation (paper Fig. 5)"
 CSV_COLUMNS = ("image", "transform", "amount", "layer", "distance", "p_true")
 
 
@@ -80,6 +79,11 @@ class InvarianceJob:
         side = model.input_size[1]
         self.amounts = {t: [float(a) for a in (amounts or {}).get(t, default_amounts(t, side))]
                         for t in dict.fromkeys(transforms)}
+        for transform, values in self.amounts.items():
+            if not values:
+                raise VizDeconvError(f"no amounts given for {transform}")
+            for amount in values:
+                check_amount(transform, amount)
         self.targets = self._parse_targets(targets)
         self.out, self.batch_size = Path(out), batch_size
 
@@ -118,11 +122,9 @@ class InvarianceJob:
             done.extend(batch.paths)
             classes.extend(measured[0].classes.tolist())
         progress(stage, len(images) * per_image, len(images) * per_image)
-        folder = self.out / FOLDER
-        if not done:  # nothing to draw; the failures are the report
-            save_manifest(folder, "invariance", TITLE, [], failures)
-            report.write_report(self.out)
+        if not done:  # nothing to draw, and an earlier run's curves stay as they were
             return InvarianceReport(self.layers, [], self.amounts, [], {}, {}, None, None, failures)
+        folder = self.out / FOLDER
         distances = {t: np.concatenate(s["distances"], axis=1) for t, s in steps.items()}
         p_true = {t: np.concatenate(s["p_true"], axis=0) for t, s in steps.items()}
         table = save_csv(folder / "invariance.csv", CSV_COLUMNS, self._rows(done, distances, p_true))
@@ -130,7 +132,7 @@ class InvarianceJob:
             f"{self.model.name}: distance between original and transformed feature vectors, and p(true class)",
             self.amounts, [layer.label for layer in self.layers],
             [f"{path.name} ({self.model.category(c)})" for path, c in zip(done, classes)], distances, p_true))
-        save_manifest(folder, "invariance", TITLE,
+        save_manifest(folder, "invariance", "Invariance to translation, scale and rotation (paper Fig. 5)",
                       [{"png": figure.name, "caption": f"{len(done)} images, layers "
                                                       + ", ".join(layer.name for layer in self.layers)}], failures)
         report.write_report(self.out)

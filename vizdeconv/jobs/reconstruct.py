@@ -8,7 +8,6 @@ in the README); ``similarity.csv`` with a row per image, layer and switches; ``i
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -113,9 +112,8 @@ class ReconstructJob:
                     rows = [self._similarity(path, layer, s, image, kept[s]) for s in self.switches]
                     made.append(self._save(folders[path], path, layer, image, kept, rows))
                     similarities.extend(rows)
-        rows = [(os.path.abspath(s.image), s.layer, s.switches, f"{s.pearson:.6f}", f"{s.ssim:.6f}")
-                for s in similarities]
-        save_csv(folder / "similarity.csv", CSV_COLUMNS, _earlier_rows(folder / "similarity.csv", rows) + rows)
+        save_csv(folder / "similarity.csv", CSV_COLUMNS, [
+            (os.path.abspath(s.image), s.layer, s.switches, f"{s.pearson:.6f}", f"{s.ssim:.6f}") for s in similarities])
         save_manifest(folder, "reconstruct", "Whole-layer reconstructions, known vs fixed switches (Zhang et al. 2016)",
                       [{"png": png.relative_to(folder).as_posix(), "caption": caption} for png, caption in made],
                       failures)
@@ -145,16 +143,3 @@ class ReconstructJob:
         caption = f"{path.name}, {layer.label}: " + ", ".join(f"{r.switches} r={r.pearson:.2f}" for r in rows)
         return figure, caption
 
-
-def _earlier_rows(path: Path, rows: list[tuple]) -> list[list[str]]:
-    """The rows of an earlier run's ``similarity.csv`` for images and layers this run did not redo,
-    so that the file lists every reconstruction the folder holds, as ``index.json`` does."""
-    redone = {(row[0], row[1]) for row in rows}
-    try:
-        with open(path, newline="") as file:
-            earlier = list(csv.reader(file))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []  # none yet, or unreadable: this run's rows start a new file
-    if not earlier or tuple(earlier[0]) != CSV_COLUMNS:
-        return []
-    return [row for row in earlier[1:] if len(row) == len(CSV_COLUMNS) and (row[0], row[1]) not in redone]
