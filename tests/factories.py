@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -12,6 +13,14 @@ from vizdeconv.embedded import sample_folder
 
 FASHION = sample_folder()  # the embedded model's shipped samples (sample_images/fashion-mnist links there)
 PHOTOS = Path(__file__).resolve().parent.parent / "sample_images" / "photos"
+
+
+def sample_copies(folder: Path, names: list[str]) -> Path:
+    """``folder`` holding copies of the named ``FASHION`` samples, for tests that add broken files beside them."""
+    folder.mkdir(parents=True)
+    for name in names:
+        shutil.copy(FASHION / name, folder / name)
+    return folder
 
 
 class Functional(nn.Module):

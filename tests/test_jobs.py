@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from factories import FASHION
+from factories import sample_copies
 from oracles import wrap
 from torch import nn
 
@@ -25,11 +25,7 @@ FEW = ["test00000_ankle-boot.png", "test00001_pullover.png", "test00008_sandal.p
 
 @pytest.fixture()
 def images(tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for name in FEW:
-        shutil.copy(FASHION / name, folder / name)
-    return folder
+    return sample_copies(tmp_path / "in", FEW)
 
 
 def test_project_job_reports_what_it_wrote(embedded, images, tmp_path):

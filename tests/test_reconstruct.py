@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import shutil
 from collections import OrderedDict
 from unittest import mock
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from factories import FASHION
+from factories import FASHION, sample_copies
 from numpy.lib.stride_tricks import sliding_window_view
 from oracles import Residual, hook_count, patched_rectifiers, rectify, wrap
 from PIL import Image
@@ -299,11 +298,7 @@ def numpy_ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture()
 def images(tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for name in FEW:
-        shutil.copy(FASHION / name, folder / name)
-    return folder
+    return sample_copies(tmp_path / "in", FEW)
 
 
 def test_job_writes_figures_arrays_and_a_csv_that_agree(embedded, images, tmp_path):
