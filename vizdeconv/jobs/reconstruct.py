@@ -107,10 +107,14 @@ class ReconstructJob:
             pixels = {(layer, s): reconstruct(self.model, layer, inputs, switches=s).cpu()
                       for layer in self.layers for s in self.switches}
             for i, (path, image) in enumerate(zip(batch.paths, batch.images)):
+                shown_input = display(image)
                 for layer in self.layers:
                     kept = {s: pixels[layer, s][i] for s in self.switches}
-                    rows = [self._similarity(path, layer, s, image, kept[s]) for s in self.switches]
-                    made.append(self._save(folders[path], path, layer, image, kept, rows))
+                    shown = {s: display(p) for s, p in kept.items()}
+                    rows = [Similarity(path, layer.key, s, pearson(image, kept[s]), ssim(shown_input, shown[s]))
+                            for s in self.switches]
+                    made.append(self._save(folders[path], path, layer, image, kept, rows,
+                                           [shown_input] + [shown[s] for s in self.switches]))
                     similarities.extend(rows)
         save_csv(folder / "similarity.csv", CSV_COLUMNS, [
             (os.path.abspath(s.image), s.layer, s.switches, f"{s.pearson:.6f}", f"{s.ssim:.6f}") for s in similarities])
@@ -120,13 +124,10 @@ class ReconstructJob:
         report.write_report(self.out)
         return ReconstructReport(folder, similarities, [png for png, _ in made], self.notes, failures)
 
-    def _similarity(self, path: Path, layer: Layer, switches: str, image: torch.Tensor,
-                    pixels: torch.Tensor) -> Similarity:
-        return Similarity(path, layer.key, switches, pearson(image, pixels), ssim(display(image), display(pixels)))
-
     def _save(self, folder: Path, path: Path, layer: Layer, image: torch.Tensor, pixels: dict[str, torch.Tensor],
-              rows: list[Similarity]) -> tuple[Path, str]:
-        """Write ``reconstruct_<layer>.png`` and ``.npz``; return the PNG and its caption."""
+              rows: list[Similarity], shown: list[torch.Tensor]) -> tuple[Path, str]:
+        """Write ``reconstruct_<layer>.png`` (``shown``: the input and each reconstruction as displayed)
+        and ``.npz``; return the PNG and its caption."""
         stem = f"reconstruct_{layer.slug}"
         arrays = {"input": image.numpy().astype(np.float32), "layer": np.int64(layer.number or 0),
                   "module": np.str_(layer.name)}
@@ -135,8 +136,7 @@ class ReconstructJob:
             arrays[f"{row.switches}_pearson"] = np.float64(row.pearson)
             arrays[f"{row.switches}_ssim"] = np.float64(row.ssim)
         save_npz(folder / f"{stem}.npz", **arrays)
-        panels = [render.fit(render.to_rgb(display(image)))]
-        panels += [render.fit(render.to_rgb(display(pixels[row.switches]))) for row in rows]
+        panels = [render.fit(render.to_rgb(picture)) for picture in shown]
         labels = ["input"] + [f"{row.switches}: r={row.pearson:.2f} SSIM={row.ssim:.2f}" for row in rows]
         title = f"{path.name}: {layer.label} of {self.model.name}, whole layer"
         figure = save_png(folder / f"{stem}.png", render.stack([render.labelled_row(panels, labels)], title))
