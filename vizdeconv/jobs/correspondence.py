@@ -93,8 +93,9 @@ class CorrespondenceJob:
             raise VizDeconvError("correspondence compares images in pairs: it needs at least 2 readable images, got "
                                  f"{len(seen)}" + "".join(f"; {failure}" for failure in failures[:2]))
         used = list(seen)
-        boxes = [boxes_of(self.parts, path, self.source) for path in used]
-        controls = self._controls(used, names, boxes, seen)
+        rng = np.random.default_rng(self.seed)
+        controls = [[{part: self._random_control(rng, path, seen[path], part) for part in names} for path in used]
+                    for _ in range(self.random)]  # drawn per repeat, per image, per part
         # every input the network sees: the originals, each part masked, each control masked
         inputs = [seen[p].clean for p in used]
         inputs += [seen[p].masked[part] for part in names for p in used]
@@ -118,7 +119,7 @@ class CorrespondenceJob:
             for part in names + [RANDOM] for layer in self.layers])
         figure = save_png(folder / "figure.png", plots.correspondence_figure(
             f"{self.model.name}: sign changes when a part is masked (random: {self.random} repeats, seed {self.seed})",
-            [seen[p].picture for p in used], [p.name for p in used], boxes, names,
+            [seen[p].picture for p in used], [p.name for p in used], [seen[p].boxes for p in used], names,
             [layer.name for layer in self.layers], table))
         save_manifest(folder, "correspondence", "Correspondence of parts across images (paper Table 1)",
                       [{"png": figure.name, "caption": f"{n} images, parts {', '.join(names)}"}], failures)
@@ -130,22 +131,22 @@ class CorrespondenceJob:
         ``failures``."""
         seen = {}
         for path in images:
+            boxes = boxes_of(self.parts, path, self.source)
             try:
                 picture = load_image(path, channels=self.channels, background=self.model.mean)
                 clean, masks = self.model.preprocess(picture), {}
                 for part in names:
-                    box = boxes_of(self.parts, path, self.source)[part]
-                    check_box(box, _size(picture), part)
-                    masks[part] = self._masked_input(picture, box, clean)
+                    check_box(boxes[part], _size(picture), part)
+                    masks[part] = self._masked_input(picture, boxes[part], clean)
                     if masks[part] is None:
-                        raise VizDeconvError(f"part {part!r} box {list(box)} lies where preprocessing crops the "
-                                             "image: masking it changes nothing the model sees")
+                        raise VizDeconvError(f"part {part!r} box {list(boxes[part])} lies where preprocessing crops "
+                                             "the image: masking it changes nothing the model sees")
             except ImageError as error:
                 failures.append(error)
             except VizDeconvError as error:
                 failures.append(ImageError(path, str(error)))
             else:
-                seen[path] = _Seen(picture, clean, masks)
+                seen[path] = _Seen(picture, boxes, clean, masks)
         return seen
 
     def _masked_input(self, picture: Image.Image, box: Box, clean: torch.Tensor) -> torch.Tensor | None:
@@ -153,30 +154,17 @@ class CorrespondenceJob:
         masked_input = self.model.preprocess(masked(picture, box, self.model.mean))
         return None if torch.equal(masked_input, clean) else masked_input
 
-    def _controls(self, used: list[Path], names: list[str], boxes: list[dict[str, Box]],
-                  seen: dict[Path, _Seen]) -> list[list[dict[str, torch.Tensor]]]:
-        """Per repeat, per image, per part: the input with a box of that part's size at a random place
-        (redrawn where preprocessing crops it away entirely)."""
-        rng = np.random.default_rng(self.seed)
-        controls = []
-        for _ in range(self.random):
-            repeat = []
-            for path, image_boxes in zip(used, boxes):
-                picture = seen[path].picture
-                inputs = {}
-                for part in names:
-                    y0, x0, y1, x1 = image_boxes[part]
-                    for _ in range(MAX_DRAWS):
-                        inputs[part] = self._masked_input(picture, random_box(rng, (y1 - y0, x1 - x0), _size(picture)),
-                                                          seen[path].clean)
-                        if inputs[part] is not None:
-                            break
-                    else:
-                        raise VizDeconvError(f"{path.name}: no random place for a box of {part!r}'s size that the "
-                                             f"model sees, in {MAX_DRAWS} draws")
-                repeat.append(inputs)
-            controls.append(repeat)
-        return controls
+    def _random_control(self, rng: np.random.Generator, path: Path, image: _Seen, part: str) -> torch.Tensor:
+        """The input with a box of ``part``'s size at a random place, drawn again where preprocessing
+        crops it away entirely."""
+        y0, x0, y1, x1 = image.boxes[part]
+        for _ in range(MAX_DRAWS):
+            masked_input = self._masked_input(image.picture, random_box(rng, (y1 - y0, x1 - x0), _size(image.picture)),
+                                              image.clean)
+            if masked_input is not None:
+                return masked_input
+        raise VizDeconvError(f"{path.name}: no random place for a box of {part!r}'s size that the model sees, "
+                             f"in {MAX_DRAWS} draws")
 
     def _features(self, inputs: list[torch.Tensor], progress: Progress) -> tuple[list[torch.Tensor], list[int]]:
         """Each layer's ``(len(inputs), D)`` feature vectors, and each input's top-1 class.
@@ -202,9 +190,10 @@ class CorrespondenceJob:
 
 @dataclass(frozen=True)
 class _Seen:
-    """An image as read (``picture``), its model input, and the input with each part masked."""
+    """An image as read (``picture``), its part boxes, its model input, and the input with each part masked."""
 
     picture: Image.Image
+    boxes: dict[str, Box]
     clean: torch.Tensor
     masked: dict[str, torch.Tensor]
 
