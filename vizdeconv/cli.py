@@ -141,16 +141,9 @@ def progress_bars() -> Iterator[Callable[[str, int, int | None], None]]:
         yield update
 
 
-def _say(text: str) -> None:
-    """A result line on stdout; under torchrun only rank 0 speaks for the job."""
-    if distributed.current().main:
-        out.print(text)
-
-
 def _note(text: str) -> None:
-    """A remark on the input on stderr (rank 0's under torchrun)."""
-    if distributed.current().main:
-        err.print(f"[yellow]note:[/] {escape(text)}")
+    """A remark on the input, on stderr."""
+    err.print(f"[yellow]note:[/] {escape(text)}")
 
 
 def _finish(done: int, failures: list[ImageError], what: str, out_dir: Path | None = None) -> None:
@@ -171,9 +164,10 @@ def _finish(done: int, failures: list[ImageError], what: str, out_dir: Path | No
 def main(context: click.Context) -> None:
     """See what a convnet has learned (Zeiler & Fergus 2014): deconvnet projections and more."""
     try:
-        context.with_resource(distributed.from_environment())  # under torchrun: join its process group
+        ranks = context.with_resource(distributed.from_environment())  # under torchrun: join its process group
     except VizDeconvError as error:
         raise UsageFailure(str(error)) from None
+    out.quiet = err.quiet = not ranks.main  # under torchrun rank 0 speaks for the job; the others only work
 
 
 def images_command(name: str) -> Callable:
@@ -294,7 +288,7 @@ def project_command(model: LoadedModel, batch_size: int, layer_spec: str, rule: 
         reports = job.run(paths, progress=bars)
     for done, channels in zip(reports, job.channels):
         shown = sum(1 for channel_hits in done.hits.values() if channel_hits)
-        _say(f"{escape(done.layer.label)}: {shown} of {len(channels)} channels fired, top {top} over "
+        out.print(f"{escape(done.layer.label)}: {shown} of {len(channels)} channels fired, top {top} over "
              f"{done.scanned} images → {escape(str(done.folder))}/ (ch*.png, overview.png, index.json)")
     _finish(reports[0].scanned, reports[0].failures, "images scanned", out_dir)
 
@@ -316,18 +310,17 @@ def occlude_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int,
     """Occlusion maps (paper Fig. 7) into OUT/occlusion: p(target), top class and a feature map's total per square."""
     job = OcclusionJob(model, layer_spec, size=size, stride=stride, fill=fill, target=target, rule=rule,
                        approximate=approximate, brute_force=brute_force, out=out_dir, batch_size=batch_size)
-    if job.not_incremental and distributed.current().main:
-        err.print(f"note: exact incremental inference is not possible ({escape(job.not_incremental)}); "
-                  "using brute force")
+    if job.not_incremental:
+        _note(f"exact incremental inference is not possible ({job.not_incremental}); using brute force")
     with progress_bars() as bars:
         done = job.run(paths, progress=bars)
     resumed = sum(result.resumed for result in done.results)
-    if resumed and distributed.current().main:
+    if resumed:
         err.print(f"{resumed} images already done in {escape(str(done.folder))}, skipped")
     for result, row in zip(done.results, done.rows):
         if result.resumed:
             continue
-        _say(f"{escape(str(result.image))}: {escape(row['target_name'])} p={float(row['prob_clean']):.3f}, lowest "
+        out.print(f"{escape(str(result.image))}: {escape(row['target_name'])} p={float(row['prob_clean']):.3f}, lowest "
              f"{float(row['prob_min']):.3f} with the square at ({row['prob_min_y']}, {row['prob_min_x']})"
              + (f", often {escape(row['other_name'])}" if row["other_name"] else ""))
     _finish(len(done.results), done.failures, f"images with occlusion maps in {escape(str(done.folder))}", out_dir)
@@ -347,7 +340,7 @@ def filters_command(model: LoadedModel, batch_size: int, layer_spec: str, folder
     job = FiltersJob(model, layer_spec, out=out_dir, batch_size=batch_size)
     with progress_bars() as bars:
         done = job.run(folders, progress=bars)
-    _say(f"{escape(done.layer.label)}: {escape(FiltersJob.caption(done.summary))} → {escape(str(done.figure))}, "
+    out.print(f"{escape(done.layer.label)}: {escape(FiltersJob.caption(done.summary))} → {escape(str(done.figure))}, "
          f"{escape(done.data.name)}")
     if folders:
         _finish(done.summary["images"], done.failures, "images measured", out_dir)
@@ -376,7 +369,7 @@ def evolution_command(model: LoadedModel, batch_size: int, checkpoints: tuple[Pa
     with progress_bars() as bars:
         reports = job.run(folders, progress=bars)
     for done in reports:
-        _say(f"{escape(done.layer.label)}: {len(done.projections)} channels at {len(done.checkpoints)} checkpoints "
+        out.print(f"{escape(done.layer.label)}: {len(done.projections)} channels at {len(done.checkpoints)} checkpoints "
              f"({escape(', '.join(done.checkpoints))}) → {escape(str(done.figure))}")
     _finish(reports[0].scanned, reports[0].failures, "images scanned", out_dir)
 
@@ -403,9 +396,9 @@ def invariance_command(model: LoadedModel, paths: tuple[str, ...], batch_size: i
         done = job.run(paths, progress=bars)
     if done.figure:
         for transform, amounts in done.amounts.items():
-            _say(f"{transform}: {len(amounts)} amounts, {amounts[0]:g} to {amounts[-1]:g}; mean p(true class) "
+            out.print(f"{transform}: {len(amounts)} amounts, {amounts[0]:g} to {amounts[-1]:g}; mean p(true class) "
                  f"{done.p_true[transform].mean():.3f}, lowest {done.p_true[transform].min():.3f}")
-        _say(f"→ {escape(str(done.figure))}, {escape(done.table.name)}")
+        out.print(f"→ {escape(str(done.figure))}, {escape(done.table.name)}")
     _finish(len(done.images), done.failures, "images measured", out_dir)
 
 
@@ -431,9 +424,8 @@ def correspondence_command(model: LoadedModel, paths: tuple[str, ...], batch_siz
     for part in done.parts:
         table.add_row(escape(part), *(f"{done.table[part, layer.name][0]:.3f} ± {done.table[part, layer.name][1]:.3f}"
                                       for layer in done.layers))
-    if distributed.current().main:
-        out.print(table)
-    _say(f"→ {escape(str(done.csv))}, {escape(done.figure.name)}")
+    out.print(table)
+    out.print(f"→ {escape(str(done.csv))}, {escape(done.figure.name)}")
     _finish(len(done.images), done.failures, "images compared", out_dir)
 
 
@@ -456,7 +448,7 @@ def reconstruct_command(model: LoadedModel, paths: tuple[str, ...], batch_size: 
     table = Table("layer", *(f"{s} r / SSIM" for s in job.switches), title="mean similarity to the input")
     for layer in dict.fromkeys(layer for layer, _ in means):
         table.add_row(escape(layer), *(f"{means[layer, s][0]:.3f} / {means[layer, s][1]:.3f}" for s in job.switches))
-    if distributed.current().main and means:
+    if means:
         out.print(table)
     _finish(len({s.image for s in done.similarities}), done.failures,
             f"images reconstructed into {escape(str(done.folder))}", out_dir)
