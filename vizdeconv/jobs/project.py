@@ -129,12 +129,8 @@ class ProjectJob:
                                  decode=self.decode, paths=images, world=ranks.world)
         state = self.out / CHECKPOINTS / f"rank{ranks.rank}.safetensors"
         resumed = self._resume(state, settings, ranks)
-        tops = self._empty_tops()
-        failures, done = [], 0
-        if resumed:
-            for top, columns in zip(tops, resumed.columns):
-                top.fold(**columns)
-            failures, done = resumed.failures, resumed.chunks_done
+        tops = self._folded([resumed.columns] if resumed else [])
+        failures, done = (resumed.failures, resumed.chunks_done) if resumed else ([], 0)
         chunks = ranks.share(range(chunk_count(len(images))))
         files = sum(min(SCAN_CHUNK, len(images) - chunk * SCAN_CHUNK) for chunk in chunks)
 
@@ -183,17 +179,19 @@ class ProjectJob:
             raise SettingsChanged(problem)
         return resumed
 
-    def _empty_tops(self) -> list[TopK]:
-        return [TopK(channels, self.k, self.model.device) for channels in self.channels]
+    def _folded(self, column_sets: Iterable[list[dict[str, torch.Tensor]]]) -> list[TopK]:
+        """Each layer's top-k with every set of saved ``TopK.columns()`` folded in (none: empty ones)."""
+        tops = [TopK(channels, self.k, self.model.device) for channels in self.channels]
+        for columns in column_sets:
+            for top, layer_columns in zip(tops, columns):
+                top.fold(**layer_columns)
+        return tops
 
     def _merge(self, contributions: list[tuple[list[dict[str, torch.Tensor]], list[ImageError]]]
                ) -> tuple[list[TopK], list[ImageError]]:
         """Every rank's top-k folded into one per layer, and every rank's failed files in path order."""
-        tops = self._empty_tops()
-        for columns, _ in contributions:
-            for top, layer_columns in zip(tops, columns):
-                top.fold(**layer_columns)
-        return tops, unique_failures(f for _, failures in contributions for f in failures)
+        return (self._folded(columns for columns, _ in contributions),
+                unique_failures(f for _, failures in contributions for f in failures))
 
     def _draw(self, found: list[dict[int, list[Hit]]], mine: set[tuple[int, int]], scanned: int,
               lost: list[ImageError], progress: Progress) -> dict[tuple[int, int], list[Hit]]:
