@@ -174,16 +174,16 @@ def _plain_caption(figure: dict, out: Path) -> tuple[str, str]:
     return caption, _text(caption)
 
 
-def _figures_section(folder: str, data: dict, out: Path) -> str:
-    """A manifest's ``figures`` as captioned thumbnails under its ``title``, and its failed files; deconv
-    figures are captioned from their hits, any other kind's from their ``caption``."""
-    caption = _deconv_caption if data["kind"] == "deconv" else _plain_caption
+def _figures_section(folder: str, data: dict, out: Path, caption=_plain_caption) -> str:
+    """A manifest's ``figures`` as captioned thumbnails under its ``title``, and its failed files; each
+    figure captioned by ``caption`` (default: its own ``caption``)."""
     cards = "".join(_card(folder, f["png"], *caption(f, out)) for f in data.get("figures", []))
     return (f'<section id="{_attr(folder)}" data-kind="{_attr(data["kind"])}"><h2>{_text(data.get("title", folder))}'
             f'</h2>{_failed(data)}<div class="figures">{cards}</div></section>')
 
 
-SECTIONS = {"project": _project_section, "occlude": _occlude_section, "deconv": _figures_section}
+SECTIONS = {"project": _project_section, "occlude": _occlude_section,
+            "deconv": functools.partial(_figures_section, caption=_deconv_caption)}  # captioned from their hits
 
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 0 1.5em 2em; color: #222; }
