@@ -32,16 +32,19 @@ def field_window(model: LoadedModel, layer: Layer, position: tuple[int, int]) ->
     return render.display_window(layer.field.window(*position), *model.input_size[1:])
 
 
+def projection_tile(model: LoadedModel, layer: Layer, projection: Projection) -> Image.Image:
+    """A projection as a tile of its unit's field."""
+    return render.field_tile(render.projection_to_image(projection.pixels),
+                             field_window(model, layer, projection.hit.position))
+
+
 def image_tiles(model: LoadedModel, layer: Layer, image: torch.Tensor, projections: Sequence[Projection]
                 ) -> list[tuple[Image.Image, Image.Image]]:
     """The projection and the image patch of each top-k hit on one ``(C, H, W)`` input, as tiles of the layer's field."""
     picture = render.input_to_image(image, model.mean, model.std)
-    tiles = []
-    for projection in projections:
-        window = field_window(model, layer, projection.hit.position)
-        tiles.append((render.field_tile(render.projection_to_image(projection.pixels), window),
-                      render.field_tile(picture, window)))
-    return tiles
+    return [(projection_tile(model, layer, projection),
+             render.field_tile(picture, field_window(model, layer, projection.hit.position)))
+            for projection in projections]
 
 
 def _tile_block(tiles: Sequence[Image.Image], captions: Sequence[str], columns: int) -> Image.Image:
@@ -227,8 +230,7 @@ def evolution_figure(model: LoadedModel, layer: Layer, title: str, checkpoints: 
                 tiles.append(Image.new("RGB", size, "white"))
                 captions.append("never fires")
             else:
-                tiles.append(render.field_tile(render.projection_to_image(projection.pixels),
-                                               field_window(model, layer, projection.hit.position)))
+                tiles.append(projection_tile(model, layer, projection))
                 captions.append(f"{projection.hit.value:.3g} {projection.hit.image.stem}")
     block = _tile_block(tiles, captions, len(checkpoints))
     labels = [f"ch {channel}" for channel in projections]
