@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_scan import PHOTOS, random_alexnet, scan_timer
+from bench_scan import PHOTOS, plain_pass, random_alexnet, scan_timer
 
 from vizdeconv.images import find_images
 from vizdeconv.jobs.project import ProjectJob
@@ -60,9 +60,7 @@ def timed_scan(model, folder: Path, workers: int, batch_size: int, decode: str, 
 
 def plain_rate(model, paths: list[Path], workers: int, batch_size: int) -> float:
     start = time.perf_counter()
-    with torch.no_grad():
-        for batch in model.read(paths, [], batch_size=batch_size, workers=workers):
-            model.module(batch.images.to(model.device, non_blocking=True))
+    plain_pass(model, paths, batch_size, workers)
     synchronize(model)
     return len(paths) / (time.perf_counter() - start)
 
