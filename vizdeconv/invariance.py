@@ -163,13 +163,14 @@ def measure(model: LoadedModel, chosen: Sequence[FeatureLayer], images: torch.Te
         amounts: transformation → its amounts, measured in this order.
         targets: each image's true class, or None for its top-1 class untransformed.
     """
-    originals, logits = features(model, list(chosen), images)
-    top = logits.argmax(1).tolist()
+    originals, original_logits = features(model, list(chosen), images)
+    top = original_logits.argmax(1).tolist()
     classes = torch.tensor([top[i] if target is None else target for i, target in enumerate(targets)],
-                           device=logits.device)
+                           device=original_logits.device)
     for transform, values in amounts.items():
         for amount in values:
-            moved, logits = features(model, list(chosen), transformed(images, transform, amount))
+            moved, logits = (originals, original_logits) if is_identity(transform, amount) else \
+                features(model, list(chosen), transformed(images, transform, amount))
             distances = torch.stack([(a - b).norm(dim=1) for a, b in zip(originals, moved)])
             p_true = logits.softmax(1).gather(1, classes[:, None])[:, 0]
             yield Measurement(transform, float(amount), distances.cpu(), p_true.cpu(), classes.cpu())
