@@ -13,9 +13,9 @@ from factories import FASHION
 from oracles import graph_oracle, oracle
 
 from vizdeconv.cli import main
-from vizdeconv.deconvnet import Deconvnet
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import load_model
+from vizdeconv.switches import record_points
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTORY = ("--model", "factories:functional", "--input-size", "20")
@@ -40,7 +40,7 @@ def test_deconv_writes_figures_and_npz_matching_the_oracle(tmp_path, embedded):
     layers = trace_layers(embedded)
     layer = layers.layer(5)
     image = torch.from_numpy(np.load(saved[0])["input"])
-    activations = Deconvnet(embedded, layers, layer).activations(image[None])[0]
+    (activations,) = record_points(embedded.module, [layer.point], image[None])[0]
     for path in saved:
         data = np.load(path)
         assert set(data.files) == {"projection", "input", "layer", "module", "channel", "position", "value", "box",

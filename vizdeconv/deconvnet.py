@@ -29,7 +29,7 @@ from vizdeconv.errors import LayerError
 from vizdeconv.layers import Chain, Hit, Layer, Layers, Step
 from vizdeconv.models import LoadedModel
 from vizdeconv.rules import apply_rules, check_rule
-from vizdeconv.switches import Forward, PointRecorder, SwitchRecorder, record_points
+from vizdeconv.switches import Forward, PointRecorder, SwitchRecorder
 
 SEEDS_PER_PASS = 64  # seeds travelling down together: bounds the memory of one pass
 
@@ -55,10 +55,6 @@ class Deconvnet:
     @property
     def path(self) -> str:
         return "chain walk" if self.walks else f"autograd with the {self.rule} rule"
-
-    def activations(self, images: torch.Tensor) -> torch.Tensor:
-        """``(N, K, h, w)`` activations of the layer for a preprocessed batch, nothing above it run."""
-        return record_points(self.model.module, [self.layer.point], images)[0]
 
     def forward(self, images: torch.Tensor) -> Forward:
         """Run a batch up to the layer, keeping what ``project`` needs (switches, or the autograd graph)."""
