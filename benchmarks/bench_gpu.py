@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_scan import PHOTOS, plain_pass, random_alexnet, scan_timer
+from bench_scan import PHOTO_FILES, plain_pass, random_alexnet, scan_timer
 
 from vizdeconv.images import find_images
 from vizdeconv.jobs.project import ProjectJob
@@ -38,7 +38,7 @@ def make_jpeg(job: tuple[Path, int]) -> None:
     path, seed = job
     from PIL import Image
     rng = random.Random(seed)
-    with Image.open(rng.choice(sorted(PHOTOS.glob("*")))) as photo:
+    with Image.open(rng.choice(PHOTO_FILES)) as photo:
         photo = photo.convert("RGB")
         side = rng.randint(min(photo.size) // 2, min(photo.size))
         left, top = rng.randint(0, photo.width - side), rng.randint(0, photo.height - side)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_scan import PHOTOS, alternate, make_folder, random_alexnet, scan_timer
+from bench_scan import PHOTO_FILES, alternate, make_folder, random_alexnet, scan_timer
 
 from vizdeconv import distributed
 from vizdeconv.jobs.project import CHECKPOINT_SECONDS, ProjectJob
@@ -100,7 +100,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "images"
         folder.mkdir()
-        make_folder(folder, args.images, sorted(PHOTOS.glob("*")), 256)
+        make_folder(folder, args.images, PHOTO_FILES, 256)
         ranks_throughput(folder, args.images)
         checkpoint_cost(folder, args.images)
 

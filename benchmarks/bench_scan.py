@@ -33,6 +33,7 @@ from vizdeconv.models import LoadedModel, load_model
 from vizdeconv.topk import TopK, scan
 
 PHOTOS = Path(__file__).resolve().parent.parent / "sample_images" / "photos"
+PHOTO_FILES = find_images([PHOTOS])[0]  # the image files only: the folder also holds the correspondence example's parts.json
 FASHION = Path(__file__).resolve().parent.parent / "sample_images" / "fashion-mnist"
 
 
@@ -159,7 +160,7 @@ def main() -> None:
         peak_memory_child(args.child)
         return
     with tempfile.TemporaryDirectory() as folder:
-        paths = make_folder(Path(folder), args.images, sorted(PHOTOS.glob("*")), 256)
+        paths = make_folder(Path(folder), args.images, PHOTO_FILES, 256)
         throughput(random_alexnet(), paths, args.batch_size, args.workers)
     memory(args.memory_images)
 
