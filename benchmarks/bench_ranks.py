@@ -29,7 +29,7 @@ from vizdeconv import distributed
 from vizdeconv.jobs.project import CHECKPOINT_SECONDS, ProjectJob
 from vizdeconv.resume import ScanState, save_state
 from vizdeconv.images import find_images
-from vizdeconv.topk import chunk_count, scan
+from vizdeconv.topk import TopK, chunk_count, scan
 
 BIN = Path(sys.executable).parent
 
@@ -69,7 +69,7 @@ def checkpoint_cost(folder: Path, images: int) -> None:
         state = Path(out) / "rank0.safetensors"
 
         def scan_once(checkpoints: bool) -> tuple[float, float]:
-            tops = job._empty_tops()
+            tops = [TopK(channels, job.k, model.device) for channels in job.channels]
             saving, start = 0.0, time.perf_counter()
             for done in scan(model, job.layers, tops, paths, [], batch_size=16):
                 if checkpoints:
