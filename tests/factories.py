@@ -57,3 +57,21 @@ class Functional(nn.Module):
 def functional() -> nn.Module:
     torch.manual_seed(0)
     return Functional()
+
+
+class SizedView(nn.Module):
+    """Flattens with ``x.view(x.size(0), -1)``, as older models do: the batch size is read as a number."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = nn.Linear(4 * 9 * 9, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def sized_view() -> nn.Module:
+    torch.manual_seed(0)
+    return SizedView()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vizdeconv.models import LoadedModel
-from vizdeconv.occlusion import OcclusionSpec, parse_target
+from vizdeconv.occlusion import Approximation, OcclusionSpec, parse_target
 
 
 class Rectify(torch.autograd.Function):
@@ -269,8 +269,9 @@ class Residual(nn.Module):
 
 
 def occlusion_spec(model: LoadedModel, layer, *, size: int, stride: int, fill, target="auto",
-                   approximate: bool = False) -> OcclusionSpec:
-    """The spec ``occlude`` takes, with an explicit per-channel fill (a tensor or a sequence)."""
+                   approximate: Approximation | None = None) -> OcclusionSpec:
+    """The spec ``occlude`` takes, with an explicit per-channel fill (a tensor or a sequence);
+    ``approximate``: Krypton's approximations (None: exact maps)."""
     values = tuple(float(v) for v in torch.as_tensor(fill, dtype=torch.float32))
     return OcclusionSpec(model.name, layer.name, size, stride, values, parse_target(target, model),
                          approximate=approximate)

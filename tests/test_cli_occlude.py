@@ -67,17 +67,31 @@ def test_square_larger_than_the_image_is_a_usage_error():
 def test_occlude_command_methods(tmp_path):
     image = str(FASHION / "test00001_pullover.png")
     runner = CliRunner()
-    for flag, folder in (([], "exact"), (["--brute-force"], "brute"), (["--approximate"], "rough")):
-        result = runner.invoke(main, ["occlude", image, "--out", str(tmp_path / folder), *flag], catch_exceptions=False)
+    runs = (([], "exact"), (["--brute-force"], "brute"), (["--approximate"], "rough"),
+            (["--approximate", "tau=0.3,factor=1"], "threshold"), (["--approximate=tau=1,factor=2,share=1"], "drill"))
+    for flags, folder in runs:
+        result = runner.invoke(main, ["occlude", image, "--out", str(tmp_path / folder), *flags], catch_exceptions=False)
         assert result.exit_code == 0, result.output
-    maps = {f: np.load(tmp_path / f / "occlusion" / "test00001_pullover" / "maps.npz")
-            for f in ("exact", "brute", "rough")}
+    maps = {f: np.load(tmp_path / f / "occlusion" / "test00001_pullover" / "maps.npz") for _, f in runs}
     assert str(maps["exact"]["method"]) == "incremental" and str(maps["brute"]["method"]) == "brute force"
-    assert str(maps["rough"]["method"]).startswith("approximate")
+    assert str(maps["rough"]["method"]) == ("approximate (incremental; projective-field threshold tau=0.5, "
+                                            "drill-down factor 4, share 25%)")
+    assert [float(maps["rough"][k]) for k in ("tau", "drill_factor", "drill_share")] == [0.5, 4, 0.25]
+    assert [float(maps["exact"][k]) for k in ("tau", "drill_factor", "drill_share")] == [1, 1, 1]
+    assert str(maps["threshold"]["method"]) == "approximate (incremental; projective-field threshold tau=0.3)"
+    assert str(maps["drill"]["method"]) == "approximate (incremental; drill-down factor 2, share 100%)"
     np.testing.assert_allclose(maps["exact"]["prob_true"], maps["brute"]["prob_true"], atol=1e-5)
-    # Exact maps do not answer an approximate request, nor the other way round.
+    # drill-down into every block evaluates every position: exact maps under an approximate label
+    np.testing.assert_allclose(maps["drill"]["prob_true"], maps["exact"]["prob_true"], atol=1e-6)
+    assert np.abs(maps["threshold"]["prob_true"] - maps["exact"]["prob_true"]).max() > 1e-4
+    # Exact maps do not answer an approximate request, nor the other way round, nor other knobs.
+    for flags in (["--approximate"], ["--approximate", "tau=0.4"]):
+        result = runner.invoke(main, ["occlude", image, "--out", str(tmp_path / "rough"), *flags])
+        assert result.exit_code == 0 and ("already done" in result.stderr) == (flags == ["--approximate"])
     result = runner.invoke(main, ["occlude", image, "--out", str(tmp_path / "exact"), "--approximate"])
     assert result.exit_code == 0 and "already done" not in result.stderr
+    result = runner.invoke(main, ["occlude", image, "--approximate", "tau=2"])
+    assert result.exit_code != 0 and "--approximate needs 0 < tau <= 1" in result.stderr
 
 
 def test_occlude_command_at_a_module_off_the_chain_with_a_rule(tmp_path):
@@ -86,7 +100,27 @@ def test_occlude_command_at_a_module_off_the_chain_with_a_rule(tmp_path):
     result = CliRunner().invoke(main, ["occlude", image, "--layer", "features", "--rule", "guided", "--stride", "3",
                                        "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "features is not a module of the plain chain" in result.stderr and "using brute force" in result.stderr
+    assert "note:" not in result.stderr
     maps = np.load(out / "occlusion" / "test00001_pullover" / "maps.npz")
-    assert str(maps["method"]) == "brute force" and str(maps["module"]) == "features" and int(maps["layer"]) == 0
+    assert str(maps["method"]) == "incremental" and str(maps["module"]) == "features" and int(maps["layer"]) == 0
     assert (out / "occlusion" / "test00001_pullover" / "occlusion.png").exists()
+
+
+@pytest.mark.parametrize("factory, method", [("functional", "incremental"), ("sized_view", "brute force")])
+def test_occlude_command_on_graphs_and_a_model_it_cannot_replay(tmp_path, factory, method):
+    """Residual sums, in-place ReLUs, concatenation run incremental; a batch size read as a number
+    cannot be replayed: brute force, with a note, and the same maps."""
+    image = str(FASHION / "test00001_pullover.png")
+    maps, notes = {}, {}
+    for flags, folder in (([], "auto"), (["--brute-force"], "brute")):
+        result = CliRunner().invoke(main, ["occlude", image, "--model", f"factories:{factory}", "--input-size", "20",
+                                           "--size", "5", "--stride", "3", "--out", str(tmp_path / folder), *flags],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        maps[folder] = np.load(tmp_path / folder / "occlusion" / "test00001_pullover" / "maps.npz")
+        notes[folder] = " ".join(result.stderr.split())
+    assert str(maps["auto"]["method"]) == method
+    noted = "note: exact incremental inference is not possible (replaying its calls on regions"
+    assert (noted in notes["auto"]) == (method == "brute force") and "note:" not in notes["brute"]
+    np.testing.assert_allclose(maps["auto"]["prob_true"], maps["brute"]["prob_true"], atol=1e-6)
+    np.testing.assert_allclose(maps["auto"]["feature_total"], maps["brute"]["feature_total"], rtol=1e-5, atol=1e-6)

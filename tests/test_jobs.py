@@ -18,7 +18,7 @@ from vizdeconv.jobs.occlude import OcclusionJob
 from vizdeconv.jobs.predict import PredictJob
 from vizdeconv.jobs.project import ProjectJob
 from vizdeconv.layers import trace_layers
-from vizdeconv.occlusion import OcclusionMaps
+from vizdeconv.occlusion import Approximation, OcclusionMaps
 
 FEW = ["test00000_ankle-boot.png", "test00001_pullover.png", "test00008_sandal.png", "test00023_ankle-boot.png"]
 
@@ -69,7 +69,7 @@ def test_occlusion_job_resumes_only_an_equal_spec(embedded, images, tmp_path):
     assert all(r.resumed for r in again.results)
     for before, after in zip(first.results, again.results):
         np.testing.assert_array_equal(before.maps.prob_true, after.maps.prob_true)
-    for change in ({"fill": 0.5}, {"target": "Sandal"}, {"rule": "guided"}, {"approximate": True}, {"layer": 3},
+    for change in ({"fill": 0.5}, {"target": "Sandal"}, {"rule": "guided"}, {"approximate": Approximation()}, {"layer": 3},
                    {"size": 5}):
         other = OcclusionJob(embedded, stride=4, out=tmp_path / "other", **change)
         shutil.copytree(out, tmp_path / "other", dirs_exist_ok=True)  # the first run's maps, under another spec

@@ -80,7 +80,8 @@ def run(tmp_path):
     unnumbered = _project("avgpool", [], layer=None, overview=[])
     occlusion = {
         "kind": "occlude", "model": "embedded", "module": "features.11", "label": "layer 5 (features.11)",
-        "size": 12, "stride": 2, "fill": [0.0], "target": "auto", "rule": "guided", "approximate": True,
+        "size": 12, "stride": 2, "fill": [0.0], "target": "auto", "rule": "guided",
+        "approximate": "drill-down factor 4, share 25%",
         "images": [
             {"png": "a/occlusion.png", "method": "incremental", "image": str(present), "target": 3,
              "target_name": "three & <more>", "prob_clean": "0.912345", "prob_min": "0.100000", "prob_min_y": 4,
@@ -218,7 +219,7 @@ def test_occlusion_section_rows(run):
     alts = [i["alt"] for i in parsed.elements("img", "occlusion")]
     assert alts[1] == f"occlusion of {images / TRICKY}.png"
     body = parsed.section_text("occlusion")
-    assert "square 12 px, stride 2, target auto, guided rule for panel (c), APPROXIMATE maps." in body
+    assert "square 12 px, stride 2, target auto, guided rule for panel (c), APPROXIMATE maps (drill-down factor 4, share 25%)." in body
     assert "three & <more>" in body and "0.912" in body and "0.100 at (4, 6)" in body and "five (25.0%)" in body
     assert "–" in body  # no other class
     assert "occlusion/summary.csv" in {a["href"] for a in parsed.elements("a", "occlusion")}
@@ -276,7 +277,7 @@ def test_names_with_url_characters_stay_whole_in_links(tmp_path):
            "other_fraction": "0"}
     (out / "occlusion" / "index.json").write_text(json.dumps({
         "kind": "occlude", "model": "m", "label": "layer 5", "size": 6, "stride": 1, "fill": [0.0],
-        "target": "auto", "rule": "deconvnet", "approximate": False, "images": [row], "failed": []}))
+        "target": "auto", "rule": "deconvnet", "approximate": "", "images": [row], "failed": []}))
     parsed = Page(report.write_report(out).read_text())
     (source,) = [i["src"] for i in parsed.elements("img", "occlusion")]
     assert "#" not in source and unquote(source) == "occlusion/a#1 50%/occlusion.png"

@@ -41,6 +41,7 @@ from vizdeconv.jobs.project import ProjectJob
 from vizdeconv.jobs.reconstruct import ReconstructJob
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import EMBEDDED, LoadedModel, load_model
+from vizdeconv.occlusion import Approximation
 from vizdeconv.report import PAGE, write_report
 
 out = Console(soft_wrap=True)
@@ -302,14 +303,17 @@ def project_command(model: LoadedModel, batch_size: int, layer_spec: str, rule: 
 @layer_option(required=False, extra=" [default: the last conv layer, or the last module output of a graph]")
 @rule_option
 @click.option("--brute-force", is_flag=True, help="One full forward pass per position instead of incremental.")
-@click.option("--approximate", is_flag=True, help="Faster, inexact maps (adaptive drill-down), labelled as such.")
+@click.option("--approximate", is_flag=False, flag_value="default", metavar="[tau=T,factor=F,share=S]",
+              help="Faster, inexact maps, labelled as such: projective-field threshold tau and adaptive drill-down "
+                   "(coarse step factor, share of blocks drilled into) [default: tau=0.5,factor=4,share=0.25].")
 @out_option
 def occlude_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int, size: int | None,
                     stride: int | None, fill: str, target: str, layer_spec: str | None, rule: str,
-                    brute_force: bool, approximate: bool, out_dir: Path) -> None:
+                    brute_force: bool, approximate: str | None, out_dir: Path) -> None:
     """Occlusion maps (paper Fig. 7) into OUT/occlusion: p(target), top class and a feature map's total per square."""
     job = OcclusionJob(model, layer_spec, size=size, stride=stride, fill=fill, target=target, rule=rule,
-                       approximate=approximate, brute_force=brute_force, out=out_dir, batch_size=batch_size)
+                       approximate=Approximation.parse(approximate) if approximate else None,
+                       brute_force=brute_force, out=out_dir, batch_size=batch_size)
     if job.not_incremental:
         _note(f"exact incremental inference is not possible ({job.not_incremental}); using brute force")
     with progress_bars() as bars:

@@ -143,7 +143,8 @@ def occlusion_figure(model: LoadedModel, image: torch.Tensor, projection: torch.
                                  ["(b) over the input", "(d) over the input", "(e) over the input", "classes (e)"])
     title = (f"{model.name}, {'layer ' + str(maps.layer) if maps.layer else maps.module}: target {name} "
              f"(p = {maps.prob_clean:.3f} unoccluded; lowest {maps.prob_true.min():.3f}, square marked in (a))"
-             + ("; APPROXIMATE maps" if maps.method.startswith("approximate") else ""))
+             + (f"; APPROXIMATE maps ({approximation.describe('brute force' not in maps.method)})"
+                if (approximation := maps.spec.approximate) else ""))
     return render.stack([top, bottom], title)
 
 

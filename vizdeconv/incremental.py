@@ -1,215 +1,516 @@
-"""Exact incremental occlusion (Krypton: Nakandala, Kumar & Papakonstantinou, SIGMOD 2019).
+"""Incremental occlusion through any graph (Krypton: Nakandala, Kumar & Papakonstantinou, SIGMOD 2019).
 
 A square changes only a small region of the early feature maps: its projective field. The clean
-image runs once and every step's input is kept; then, for a batch of square positions, each
-conv or max-pool computes only the output region the square can change, reading its input
-context from the cached clean map (pre-padded once with the op's pad value) with the previous
-step's changed patch spliced in, for the whole batch in one gather and one op call. Element-wise
-steps (ReLU, eval BatchNorm, LRN, dropout) run on the patch. At the first other op (adaptive
-pooling, flatten, linear, anything unknown), or when the region covers the whole map, the full
-tensors are assembled and the rest of the chain runs normally. Regions keep one size per batch
-and are shifted inward at the borders: recomputing a few unchanged cells stays exact.
+image runs once while a ``TorchFunctionMode`` records every torch call on a tensor that depends
+on the input (a tape: residual sums, in-place adds, concatenations, functional ReLUs) and keeps
+every value. For a batch of square positions, ``regions`` then works out which rows and columns
+of each value the square can change: a conv, pool or pad grows them, a pointwise op, sum or
+concatenation takes the union of its inputs' regions, anything else (global pooling, flatten, the
+head, a squeeze-excitation gate, an op with no rule) changes the whole value. The tape is replayed
+on the batch: a conv, pool or pad computes only its changed region, reading context from the
+cached clean map (pre-padded once with the op's pad value) with the changed patch spliced in, in
+one gather and one call for the whole batch; pointwise ops run on patches grown to a common box;
+the rest runs in full on assembled maps. A batch shares one region size, the largest, shifted
+inward at the borders: recomputing a few unchanged cells stays exact.
+
+Projective-field thresholding (Krypton's approximation, ``tau`` < 1) caps each region at a
+fraction ``tau`` of its map's side, keeping the middle of the projective field, where the square's
+effect is strongest; outside it the clean values stand in.
 """
 
 from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from vizdeconv import ops
-from vizdeconv.layers import Chain, Layer, Layers, Step
+from vizdeconv.graph import Point
+
+FULL = "full"  # a region: the value changes everywhere (or has no rows and columns)
+LOCAL = ("conv2d", "max_pool2d", "avg_pool2d", "pad")
+SAME_VALUES = frozenset({"contiguous", "clone", "to", "float", "type_as"})  # shape ops that change nothing
 
 
-def _behaviour(module: nn.Module) -> str | None:
-    """``pointwise``, ``local`` (a conv or max-pool, run on regions) or None (run in full from here)."""
-    op = ops.for_module(module)
-    if op is not None and (op.occlusion == "pointwise" or op.name in ("conv2d", "max_pool2d")):
-        return op.occlusion
-    return None
+@dataclass(frozen=True)
+class Ref:
+    """A recorded tensor in a call's arguments: the tape's value ``node``."""
+
+    node: int
 
 
-def unsupported(layers: Layers, layer: Layer) -> str | None:
-    """Why incremental inference cannot run on this model (then occlusion runs brute force), or None."""
-    if layers.chain.end != "the model's output":
-        return f"the plain chain of modules ends at {layers.chain.end}"
-    if layer.chain_index is None:
-        return f"{layer.name} is not a module of the plain chain"
-    return None
+@dataclass(frozen=True)
+class Call:
+    """One recorded torch call, replayable out of place.
+
+    Attributes:
+        function, args, kwargs: what to call, tensors of the tape replaced by ``Ref``.
+        inputs, outputs: the tape's values it reads and makes.
+        behaviour: ``local`` (conv, pool, pad: runs on regions), ``pointwise`` (runs on patches)
+            or ``full`` (runs on whole maps).
+        geometry: a local call's (kernel, stride, padding, dilation) per axis.
+        window: a local call on a pre-padded window (padding 0), for ``local`` calls.
+        pad_value: what a local call's padding holds.
+        gates: inputs broadcast over rows and columns (a ``(1, C, 1, 1)`` scale): a changed gate
+            changes the whole output.
+    """
+
+    function: Callable
+    args: tuple
+    kwargs: dict
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    behaviour: str
+    geometry: tuple[ops.Geometry, ops.Geometry] | None = None
+    window: Callable[[torch.Tensor], torch.Tensor] | None = None
+    pad_value: float = 0.0
+    gates: tuple[int, ...] = ()
 
 
-def changed_range(module: nn.Module, axis: int, first: torch.Tensor, end: torch.Tensor, size_out: int
+@dataclass
+class Tape:
+    """The clean pass: its calls, every value, the layer's value and the output's.
+
+    ``problem`` says why the tape cannot be replayed (then occlusion runs brute force)."""
+
+    calls: list[Call]
+    clean: list[torch.Tensor]
+    layer: int | None
+    output: int | None
+    problem: str | None = None
+
+    def __post_init__(self) -> None:
+        self.last_use = {node: i for i, call in enumerate(self.calls) for node in call.inputs}
+
+
+def record(module: nn.Module, image: torch.Tensor, point: Point) -> Tape:
+    """Run ``module`` on the ``(C, H, W)`` ``image`` and record its tape; ``point`` is the layer."""
+    recorder = _Recorder()
+    layer_calls: list[int | None] = []
+
+    def hook(_module, _inputs, output) -> None:
+        layer_calls.append(recorder.node_of.get(id(output)))
+
+    handle = module.get_submodule(point.module_name).register_forward_hook(hook)
+    x = image[None].clone()
+    recorder.add(x)
+    try:
+        with torch.no_grad(), recorder:
+            output = module(x)
+    finally:
+        handle.remove()
+    layer = layer_calls[point.call] if len(layer_calls) > point.call else None
+    problem = recorder.problem
+    if problem is None and layer is None:
+        problem = f"the output of {point.name} was not recorded"
+    output_node = recorder.node_of.get(id(output)) if isinstance(output, torch.Tensor) else None
+    if problem is None and output_node is None:
+        problem = "the model's output was not recorded"
+    return Tape(recorder.calls, recorder.clean, layer, output_node, problem)
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.node_of: dict[int, int] = {}
+        self.clean: list[torch.Tensor] = []
+        self.calls: list[Call] = []
+        self.problem: str | None = None
+        self.storage: list[int] = []  # per value: where its memory is, to find what a write also changes
+        self.stale: set[int] = set()  # values changed by a write into another view of their memory
+
+    def add(self, tensor: torch.Tensor) -> int:
+        self.node_of[id(tensor)] = len(self.clean)
+        self.clean.append(tensor)  # also keeps the tensor alive, so ids stay unique
+        self.storage.append(tensor.untyped_storage().data_ptr())
+        return len(self.clean) - 1
+
+    def __torch_function__(self, function, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        traced = [t for t in _tensors((args, kwargs)) if id(t) in self.node_of]
+        name = getattr(function, "__name__", "")
+        if not traced or name in ops.IGNORED_NAMES:
+            return function(*args, **kwargs)
+        replay, replay_args, replay_kwargs, writes = _out_of_place(function, args, kwargs)
+        refs = _map((replay_args, replay_kwargs), lambda t: Ref(self.node_of[id(t)]) if id(t) in self.node_of else t)
+        call_name = torch.overrides.resolve_name(function) or name
+        if self.problem is None and self.stale.intersection(self.node_of[id(t)] for t in traced):
+            self.problem = f"{call_name} reads a tensor that an in-place write changed through another view"
+        if writes:
+            node = self.node_of.get(id(args[0]))
+            if self.problem is None and (replay is None or "out" in kwargs or node is None):
+                self.problem = f"{call_name} writes into a tensor in a way that cannot be replayed"
+            if node is not None:
+                self.clean[node] = args[0].clone()  # its value before the write
+                self.stale.update(n for n, where in enumerate(self.storage) if where == self.storage[node] and n != node)
+        output = function(*args, **kwargs)
+        outputs = list(_tensors(output))
+        if not outputs:
+            return output  # a shape, a number: nothing to replay
+        inputs = tuple(dict.fromkeys(self.node_of[id(t)] for t in traced))
+        nodes = tuple(self.add(t) for t in outputs)
+        self.calls.append(_call(function, replay, *refs, inputs, nodes, traced, outputs))
+        return output
+
+
+def _out_of_place(function, args, kwargs) -> tuple[Callable | None, tuple, dict, bool]:
+    """The call's out-of-place equivalent and whether the original writes into its first argument."""
+    name = getattr(function, "__name__", "")
+    if name.startswith("__i") and name.endswith("__"):  # x += y
+        return getattr(torch.Tensor, "__" + name[3:], None), args, kwargs, True
+    if name.endswith("_") and not name.endswith("__") or name == "__setitem__":
+        spaces = (torch.Tensor, torch, F)
+        plain = next((getattr(s, name[:-1], None) for s in spaces if getattr(s, name, None) is function), None)
+        return plain, args, kwargs, True
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return function, args, kwargs, "out" in kwargs
+    if "inplace" not in signature.parameters:
+        return function, args, kwargs, False
+    bound = signature.bind(*args, **kwargs)
+    writes = bool(bound.arguments.get("inplace", False))
+    bound.arguments["inplace"] = False
+    return function, bound.args, bound.kwargs, writes
+
+
+def _call(function, replay, args, kwargs, inputs, outputs, traced, results) -> Call:
+    """The recorded call with its behaviour on regions (see ``Call``)."""
+    op = ops.for_call(function, args, kwargs)
+    single = len(results) == 1 and results[0].dim() == 4
+    if op is not None and single and op.name in LOCAL and len(traced) == 1 and args[0] == Ref(inputs[0]):
+        local = _local_call(op, replay, args, kwargs, inputs, outputs)
+        if local is not None:
+            return local
+    name = getattr(function, "__name__", "")
+    pointwise = op is not None and op.occlusion == "pointwise" and op.kind != "shape" or name in SAME_VALUES
+    if op is not None and op.name == "batch_norm":
+        pointwise = not ops.argument(args, kwargs, 5, "training", False)
+    if op is not None and op.name == "cat":
+        pointwise = ops.argument(args, kwargs, 1, "dim", 0) in (1, -3)
+    spatial = results[0].shape[2:] if single else None
+    gates = tuple(n for n, t in zip(inputs, _unique(traced)) if t.dim() == 4 and t.shape[2:] == (1, 1) != spatial)
+    if not (pointwise and single and all(t.dim() == 4 and t.shape[2:] in (spatial, (1, 1)) for t in traced)):
+        return Call(replay, args, kwargs, inputs, outputs, FULL)
+    return Call(replay, args, kwargs, inputs, outputs, "pointwise", gates=gates)
+
+
+def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list({id(t): t for t in tensors}.values())
+
+
+def _local_call(op, replay, args, kwargs, inputs, outputs) -> Call | None:
+    """A conv, pool or pad as a call on a pre-padded window, or None where that would not be exact."""
+    argument = ops.argument
+    if op.name == "pad":
+        pads = argument(args, kwargs, 1, "pad", ())
+        mode = argument(args, kwargs, 2, "mode", "constant")
+        if mode != "constant" or len(pads) != 4 or min(pads) < 0:
+            return None
+        value = argument(args, kwargs, 3, "value", None)
+        geometry = tuple(op.geometry(args, kwargs, axis) for axis in (0, 1))
+        return Call(replay, args, kwargs, inputs, outputs, "local", geometry, lambda window: window,
+                    float(value or 0.0))
+    if op.name == "conv2d" and any(isinstance(a, Ref) for a in (*args[1:], *kwargs.values())):
+        return None  # weights computed from the input
+    geometry = tuple(op.geometry(args, kwargs, axis) for axis in (0, 1))
+    if op.name == "conv2d":
+        weight, bias = argument(args, kwargs, 1, "weight", None), argument(args, kwargs, 2, "bias", None)
+        stride, dilation = argument(args, kwargs, 3, "stride", 1), argument(args, kwargs, 5, "dilation", 1)
+        groups = argument(args, kwargs, 6, "groups", 1)
+        return Call(replay, args, kwargs, inputs, outputs, "local", geometry,
+                    lambda window: F.conv2d(window, weight, bias, stride, 0, dilation, groups))
+    kernel, stride = argument(args, kwargs, 1, "kernel_size", None), argument(args, kwargs, 2, "stride", None)
+    if op.name == "max_pool2d":
+        if argument(args, kwargs, 6, "return_indices", False):
+            return None
+        dilation = argument(args, kwargs, 4, "dilation", 1)
+        return Call(replay, args, kwargs, inputs, outputs, "local", geometry,
+                    lambda window: F.max_pool2d(window, kernel, stride, 0, dilation), float("-inf"))
+    padding = argument(args, kwargs, 3, "padding", 0)
+    exact = (not argument(args, kwargs, 4, "ceil_mode", False) and argument(args, kwargs, 6, "divisor_override", None)
+             is None and (argument(args, kwargs, 5, "count_include_pad", True) or padding in (0, (0, 0))))
+    if not exact:
+        return None
+    return Call(replay, args, kwargs, inputs, outputs, "local", geometry,
+                lambda window: F.avg_pool2d(window, kernel, stride, 0))
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif type(tree) in (list, tuple):
+        for item in tree:
+            yield from _tensors(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _tensors(item)
+
+
+def _map(tree, function: Callable, leaf: type = torch.Tensor):
+    """``tree`` (nested lists, tuples, dicts) with every ``leaf`` replaced by ``function(leaf)``."""
+    if isinstance(tree, leaf):
+        return function(tree)
+    if type(tree) in (list, tuple):
+        return type(tree)(_map(item, function, leaf) for item in tree)
+    if isinstance(tree, dict):
+        return {key: _map(item, function, leaf) for key, item in tree.items()}
+    return tree
+
+
+def changed_range(geometry: ops.Geometry, first: torch.Tensor, end: torch.Tensor, size_out: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output rows ``[first, end)`` that a change in input rows ``[first, end)`` can reach (per position)."""
-    kernel, stride, padding, dilation = ops.module_geometry(module, axis)
+    """Output rows ``[first, end)`` of a conv or pool that a change in input rows ``[first, end)`` can reach."""
+    kernel, stride, padding, dilation = geometry
     reach = dilation * (kernel - 1)
     low = (-((-(first + padding - reach)) // stride)).clamp(min=0)  # ceil division
     high = ((end - 1 + padding) // stride + 1).clamp(max=size_out)
-    return low, torch.maximum(high, low)
+    return low, torch.where(end > first, torch.maximum(high, low), low)  # nothing changed stays nothing
 
 
-def changed_regions(chain: Chain, corners: torch.Tensor, size: int):
-    """For each conv or max-pool that incremental inference runs on regions: the step and the exactly
-    changed output rows and columns ``[first, end)`` (two ``(N, 2)`` tensors) for squares at ``corners``."""
-    first, end = corners, corners + size
-    for step in chain.steps:
-        behaviour = _behaviour(step.module)
-        if behaviour is None:
-            return
-        if behaviour == "local":
-            ranges = [changed_range(step.module, axis, first[:, axis], end[:, axis], step.output_shape[1 + axis])
+def _capped(first: torch.Tensor, end: torch.Tensor, sizes: tuple[int, int], tau: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projective-field thresholding: each region at most ``ceil(tau · side)`` long, keeping its middle."""
+    if tau >= 1:
+        return first, end
+    cap = torch.tensor([max(1, math.ceil(tau * side)) for side in sizes], device=first.device)
+    over = (end - first - cap).clamp(min=0)
+    first = first + over // 2
+    return first, torch.minimum(end, first + cap)
+
+
+def regions(tape: Tape, first: torch.Tensor, end: torch.Tensor, tau: float = 1.0) -> list:
+    """Per value of the tape: None (unchanged), ``FULL``, or the rows and columns ``[first, end)``
+    (two ``(N, 2)`` tensors) that squares covering input ``[first, end)`` change."""
+    plan: list = [None] * len(tape.clean)
+    plan[0] = (first, end)
+    for call in tape.calls:
+        changed = [plan[node] for node in call.inputs if plan[node] is not None]
+        if not changed:
+            continue
+        region = FULL
+        sizes = tuple(tape.clean[call.outputs[0]].shape[2:])
+        if any(r is FULL for r in changed) or call.behaviour == FULL or any(plan[n] is not None for n in call.gates):
+            pass
+        elif call.behaviour == "local":
+            ranges = [changed_range(call.geometry[axis], changed[0][0][:, axis], changed[0][1][:, axis], sizes[axis])
                       for axis in (0, 1)]
-            first, end = torch.stack([r[0] for r in ranges], 1), torch.stack([r[1] for r in ranges], 1)
-            yield step, first, end
-
-
-def batch_order(chain: Chain, corners: torch.Tensor, size: int) -> torch.Tensor:
-    """A permutation of the ``(N, 2)`` corners that puts positions with the same changed-region sizes
-    next to each other, so that batches cut in this order need little more than their exact regions."""
-    keys = [end - first for _, first, end in changed_regions(chain, corners.cpu(), size)]
-    if not keys:
-        return torch.arange(len(corners))
-    signature = torch.cat([k[:, :1] for k in keys] + [k[:, 1:] for k in keys], dim=1).numpy()
-    return torch.from_numpy(np.lexsort(signature.T[::-1]).copy())
+            region = _capped(torch.stack([r[0] for r in ranges], 1), torch.stack([r[1] for r in ranges], 1), sizes,
+                             tau)
+        else:
+            region = _capped(torch.stack([r[0] for r in changed]).amin(0), torch.stack([r[1] for r in changed]).amax(0),
+                             sizes, tau)
+        for node in call.outputs:
+            plan[node] = region
+    return plan
 
 
 class IncrementalOcclusion:
-    """One image's clean pass, cached, and batched evaluation of occluded copies of it.
+    """One image's tape, and batched evaluation of occluded copies of it.
 
     Args:
-        chain: a chain that reaches the model's output (see ``unsupported``).
-        image: ``(C, H, W)`` preprocessed image, on the model's device.
-        layer_index: chain step whose output's per-channel totals are wanted.
+        module: the model. image: ``(C, H, W)`` preprocessed, on the model's device.
+        point: the layer whose per-channel totals are wanted.
     """
 
-    def __init__(self, chain: Chain, image: torch.Tensor, layer_index: int) -> None:
-        self.chain = chain
-        self.behaviours = [_behaviour(step.module) for step in chain.steps]  # looked up once, used per batch
-        self.layer_index = layer_index
-        self.inputs = []
-        x = image[None]
+    def __init__(self, module: nn.Module, image: torch.Tensor, point: Point) -> None:
+        self.module = module
+        self.image = image
+        self.tape = record(module, image, point)
+        self.problem = self.tape.problem
+        """Why this model cannot run incrementally, or None."""
+        if self.problem is None:
+            self.logits = self.tape.clean[self.tape.output][0]
+            self.layer_output = self.tape.clean[self.tape.layer][0]
+        self._padded: dict[tuple, torch.Tensor] = {}
+
+    def check(self, corners: torch.Tensor, size: int, fill: torch.Tensor) -> str | None:
+        """Replay the tape for squares at ``corners`` and compare with full forward passes: a model whose
+        calls depend on the data (a Python branch on a value, a shape read as a number) fails here."""
+        if self.problem is not None:
+            return self.problem
+        batch = self.image.repeat(len(corners), 1, 1, 1)
+        for i, (y, x) in enumerate(corners.tolist()):
+            batch[i, :, y:y + size, x:x + size] = fill[:, None, None]
         with torch.no_grad():
-            for step in chain.steps:
-                self.inputs.append(x)
-                x = step.module(x.clone())  # clone: in-place ReLUs would overwrite the cached input
-                if step.index == layer_index:
-                    self.layer_output = x[0].clone()
-        self.logits = x[0]
-        self._padded: dict[int, torch.Tensor] = {}
+            expected = self.module(batch)
+        try:
+            logits, _ = self.evaluate(corners, size, fill, 0)
+        except (RuntimeError, TypeError, ValueError, IndexError) as error:
+            return f"replaying its calls on regions raised {type(error).__name__}: {' '.join(str(error).split())[:120]}"
+        scale = float(expected.abs().max()) + 1
+        if logits.shape != expected.shape or not torch.allclose(logits, expected, rtol=1e-3, atol=1e-3 * scale):
+            return "replaying its calls on regions does not give the model's output (it depends on the data)"
+        return None
 
     @torch.no_grad()
-    def evaluate(self, corners: torch.Tensor, size: int, fill: torch.Tensor, channel: int
+    def evaluate(self, corners: torch.Tensor, size: int, fill: torch.Tensor, channel: int, tau: float = 1.0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, classes)`` and totals ``(B,)`` of ``channel`` at the layer, for the image with a
         ``size`` square of ``fill`` (per channel) at each of the ``(B, 2)`` top-left ``corners``."""
+        tape = self.tape
+        corners = corners.to(self.image.device)
+        plan = regions(tape, corners, corners + size, tau)
         batch = len(corners)
-        patch = fill.view(1, -1, 1, 1).expand(batch, -1, size, size).contiguous()
-        origin = corners.to(patch.device)
-        changed = (origin, origin + size)  # exactly changed rows/columns [first, end) of the current map
-        full = None
-        totals = None
-        for step in self.chain.steps:
-            if full is None and patch.shape[2:] == self.inputs[step.index].shape[2:]:
-                full = patch  # the region covers the whole map
-            behaviour = self.behaviours[step.index]
-            if full is None and behaviour is None:
-                full = self._assemble(step.index, patch, origin)
-            if full is not None:
-                full = step.module(full)
-            elif behaviour == "pointwise":
-                patch = step.module(patch)
-            else:
-                patch, origin, changed = self._local(step, patch, origin, changed)
-            if step.index == self.layer_index:
-                totals = full[:, channel].sum((1, 2)) if full is not None else self._total(patch, origin, channel)
-        if full is None:
-            full = self._assemble(len(self.chain.steps), patch, origin)
-        return full, totals
+        states = {0: (fill.view(1, -1, 1, 1).expand(batch, -1, size, size).contiguous(), corners)}
+        keep = {tape.layer, tape.output}
+        for i, call in enumerate(tape.calls):
+            region = plan[call.outputs[0]]
+            if region is not None:
+                states.update(zip(call.outputs, self._run(call, region, states, batch, tau)))
+            for node in call.inputs:
+                if tape.last_use[node] == i and node not in keep:
+                    states.pop(node, None)
+        return self._full(tape.output, states, batch), self._total(states.get(tape.layer), channel, batch)
 
-    def _local(self, step: Step, patch: torch.Tensor, origin: torch.Tensor,
-               changed: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-        """The step's changed output region for every position: gather context, splice, run once.
-
-        The batch shares one region size, the largest exact one; each region starts at its own
-        first changed row, shifted inward at the border."""
-        module = step.module
-        firsts, ends, starts, reads = [], [], [], []
-        for axis in (0, 1):
-            out = step.output_shape[1 + axis]
-            first, end = changed_range(module, axis, changed[0][:, axis], changed[1][:, axis], out)
-            size = max(1, int((end - first).max()))
-            start = first.clamp(max=out - size)
-            kernel, stride, padding, dilation = ops.module_geometry(module, axis)
-            firsts.append(first)
-            ends.append(end)
-            starts.append(start)
-            reads.append((start * stride - padding, (size - 1) * stride + dilation * (kernel - 1) + 1, padding))
-        padded = self._padded_input(step)
-        (top, height, pad_top), (left, width, pad_left) = reads
-        rows = top[:, None] + torch.arange(height, device=patch.device)  # input rows, unpadded coordinates
-        cols = left[:, None] + torch.arange(width, device=patch.device)
-        window = padded[:, rows[:, :, None] + pad_top, cols[:, None, :] + pad_left].transpose(0, 1)
-        # Splice the previous step's changed patch over the cached clean values.
-        in_rows, in_cols = rows - origin[:, :1], cols - origin[:, 1:]
-        inside = ((in_rows >= 0) & (in_rows < patch.shape[2]))[:, :, None] & \
-            ((in_cols >= 0) & (in_cols < patch.shape[3]))[:, None, :]
-        spliced = patch[torch.arange(len(patch), device=patch.device)[:, None, None], :,
-                        in_rows.clamp(0, patch.shape[2] - 1)[:, :, None],
-                        in_cols.clamp(0, patch.shape[3] - 1)[:, None, :]].permute(0, 3, 1, 2)
-        window = torch.where(inside[:, None], spliced, window)
-        if isinstance(module, nn.Conv2d):
-            out = F.conv2d(window, module.weight, module.bias, module.stride, 0, module.dilation, module.groups)
+    def _run(self, call: Call, region, states: dict, batch: int, tau: float) -> list[tuple]:
+        """The states (values, top-left corners or None for whole values) of the call's outputs."""
+        node = call.outputs[0]
+        sizes = self.tape.clean[node].shape[2:]
+        if region is FULL:
+            start, box = None, None
         else:
-            out = F.max_pool2d(window, module.kernel_size, module.stride, 0, module.dilation)
-        return out, torch.stack(starts, dim=1), (torch.stack(firsts, dim=1), torch.stack(ends, dim=1))
+            box = [max(1, int((region[1][:, axis] - region[0][:, axis]).max())) for axis in (0, 1)]
+            start = torch.stack([region[0][:, axis].clamp(max=sizes[axis] - box[axis]) for axis in (0, 1)], 1)
+        if box is None or box == list(sizes):
+            args, kwargs = _map((call.args, call.kwargs), lambda ref: self._full(ref.node, states, batch), Ref)
+            whole = list(_tensors(call.function(*args, **kwargs)))
+            origin = torch.zeros(batch, 2, dtype=torch.long, device=self.image.device)
+            made = [(t, origin if t.dim() == 4 and t.shape[2:] == self.tape.clean[n].shape[2:] else None)
+                    for n, t in zip(call.outputs, whole)]
+        elif call.behaviour == "local":
+            made = [(self._local(call, states, start, box), start)]
+        else:
+            def window(source: int) -> torch.Tensor:
+                if self.tape.clean[source].shape[2:] != sizes:
+                    return self.tape.clean[source]  # an unchanged gate, broadcast
+                return self._gather(source, states.get(source), start, box, (0, 0), (0, 0), 0.0)
 
-    def _padded_input(self, step: Step) -> torch.Tensor:
-        """The step's clean input, padded once: 0 for conv, −inf for max-pool; the bottom and right
-        padding also cover ceil-mode windows."""
-        if step.index not in self._padded:
-            clean = self.inputs[step.index][0]
-            pads = []
-            for axis in (1, 0):  # F.pad wants (left, right, top, bottom)
-                kernel, stride, padding, dilation = ops.module_geometry(step.module, axis)
-                last = (step.output_shape[1 + axis] - 1) * stride - padding + dilation * (kernel - 1)
-                pads += [padding, max(padding, last - (step.input_shape[1 + axis] - 1))]
-            value = 0.0 if isinstance(step.module, nn.Conv2d) else float("-inf")
-            self._padded[step.index] = F.pad(clean, pads, value=value)
-        return self._padded[step.index]
+            args, kwargs = _map((call.args, call.kwargs), lambda ref: window(ref.node), Ref)
+            made = [(call.function(*args, **kwargs), start)]
+        if tau < 1 and region is not FULL:  # clean values outside each position's own capped region
+            values, origin = made[0]
+            made = [(self._outside_clean(node, values, origin, region), origin)]
+        return made
 
-    def _assemble(self, index: int, patch: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
-        """Full maps: the clean input of step ``index`` (or the chain's output) with each patch pasted in."""
-        clean = self.inputs[index] if index < len(self.inputs) else self.logits[None]
-        full = clean.expand(len(patch), *clean.shape[1:]).clone()
-        rows = origin[:, :1] + torch.arange(patch.shape[2], device=patch.device)
-        cols = origin[:, 1:] + torch.arange(patch.shape[3], device=patch.device)
-        full[torch.arange(len(patch), device=patch.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]] = \
-            patch.permute(0, 2, 3, 1)
-        return full
+    def _outside_clean(self, node: int, values: torch.Tensor, origin: torch.Tensor, region) -> torch.Tensor:
+        """``values`` (a box at ``origin``) with the clean values wherever ``region`` does not reach, so that
+        an approximate position's result does not depend on the other positions of its batch."""
+        if all(bool((region[1][:, a] - region[0][:, a] == values.shape[2 + a]).all()) for a in (0, 1)):
+            return values  # every region fills the box
+        return self._gather(node, (values, origin), origin, values.shape[2:], (0, 0), (0, 0), 0.0, limit=region)
 
-    def _total(self, patch: torch.Tensor, origin: torch.Tensor, channel: int) -> torch.Tensor:
-        """Channel total from the clean total, with each position's changed region swapped in."""
+    def _local(self, call: Call, states: dict, start: torch.Tensor, box: list[int]) -> torch.Tensor:
+        """A conv, pool or pad on its changed output region ``box`` at ``start``, for every position."""
+        node = call.inputs[0]
+        tops, lengths, pads = [], [], []
+        for axis in (0, 1):
+            kernel, stride, padding, dilation = call.geometry[axis]
+            tops.append(start[:, axis] * stride - padding)
+            lengths.append((box[axis] - 1) * stride + dilation * (kernel - 1) + 1)
+            last = (self.tape.clean[call.outputs[0]].shape[2 + axis] - 1) * stride - padding + dilation * (kernel - 1)
+            pads.append((padding, max(padding, last - (self.tape.clean[node].shape[2 + axis] - 1))))
+        window = self._gather(node, states.get(node), torch.stack(tops, 1), lengths, *zip(*pads), call.pad_value)
+        return call.window(window)
+
+    def _gather(self, node: int, state, top: torch.Tensor, lengths, before, after, pad_value: float,
+                limit=None) -> torch.Tensor:
+        """Rows ``top[:, 0] …`` and columns ``top[:, 1] …`` (``lengths`` long) of value ``node`` for every
+        position: the clean map, padded with ``pad_value`` (``before``/``after`` cells per axis), with
+        the position's changed patch (``state``), cut to its ``limit`` region if given, pasted in.
+
+        Whole batches in a few indexing calls, channels last: each copied cell is one contiguous
+        run of channels (and convs take channels-last input as it is)."""
+        if state is not None and limit is None and tuple(state[0].shape[2:]) == tuple(lengths) \
+                and state[1] is not None and torch.equal(state[1], top):
+            return state[0]  # already this box
+        key = (node, before, after, pad_value)
+        if key not in self._padded:
+            padded = F.pad(self.tape.clean[node][0], (before[1], after[1], before[0], after[0]), value=pad_value)
+            self._padded[key] = padded.permute(1, 2, 0).contiguous()
+        device = top.device
+        rows = top[:, :1] + torch.arange(lengths[0], device=device)  # map coordinates, (B, height)
+        cols = top[:, 1:] + torch.arange(lengths[1], device=device)
+        window = self._padded[key][rows[:, :, None] + before[0], cols[:, None, :] + before[1]]  # (B, h, w, C)
+        if state is not None:
+            patch, origin = state
+            patch_rows = origin[:, :1] + torch.arange(patch.shape[2], device=device)
+            patch_cols = origin[:, 1:] + torch.arange(patch.shape[3], device=device)
+            keep_rows = (patch_rows >= rows[:, :1]) & (patch_rows <= rows[:, -1:])
+            keep_cols = (patch_cols >= cols[:, :1]) & (patch_cols <= cols[:, -1:])
+            if limit is not None:
+                keep_rows &= (patch_rows >= limit[0][:, :1]) & (patch_rows < limit[1][:, :1])
+                keep_cols &= (patch_cols >= limit[0][:, 1:]) & (patch_cols < limit[1][:, 1:])
+            b, i, j = torch.nonzero(keep_rows[:, :, None] & keep_cols[:, None, :], as_tuple=True)
+            window[b, patch_rows[b, i] - rows[b, 0], patch_cols[b, j] - cols[b, 0]] = \
+                patch.permute(0, 2, 3, 1)[b, i, j]
+        return window.permute(0, 3, 1, 2)
+
+    def _full(self, node: int, states: dict, batch: int) -> torch.Tensor:
+        """Value ``node`` for every position as a whole tensor: the clean one with each patch pasted in."""
+        clean = self.tape.clean[node]
+        state = states.get(node)
+        if state is None:
+            return clean.expand(batch, *clean.shape[1:]) if clean.dim() and clean.shape[0] == 1 else clean
+        patch, origin = state
+        if origin is None or patch.shape[2:] == clean.shape[2:]:
+            return patch
+        return self._gather(node, state, torch.zeros_like(origin), clean.shape[2:], (0, 0), (0, 0), 0.0)
+
+    def _total(self, state, channel: int, batch: int) -> torch.Tensor:
+        """The layer's channel total per position, from the clean total with each patch swapped in."""
         clean = self.layer_output[channel]
+        if state is None:
+            return clean.sum().expand(batch)
+        patch, origin = state
+        if origin is None or patch.shape[2:] == clean.shape:
+            return patch[:, channel].sum((1, 2))
         rows = origin[:, :1] + torch.arange(patch.shape[2], device=patch.device)
         cols = origin[:, 1:] + torch.arange(patch.shape[3], device=patch.device)
         replaced = clean[rows[:, :, None], cols[:, None, :]].sum((1, 2))
         return clean.sum() - replaced + patch[:, channel].sum((1, 2))
 
 
-def multiply_adds(chain: Chain, size: int, stride: int) -> tuple[float, float]:
-    """Multiply-adds per occluded forward pass, averaged over the square's positions: in full, and
-    computing only each conv's exactly changed output region (the theoretical limit of incremental
-    inference; the implementation recomputes a little more to keep one region size per batch)."""
-    height, width = chain.input_size[1:]
-    corners = torch.cartesian_prod(torch.arange(0, height - size + 1, stride), torch.arange(0, width - size + 1, stride))
-    changed = {step.index: (end - first).prod(1).double().mean().item()
-               for step, first, end in changed_regions(chain, corners, size)}
+def all_corners(input_size: tuple[int, ...], size: int, stride: int) -> torch.Tensor:
+    height, width = input_size[-2:]
+    return torch.cartesian_prod(torch.arange(0, height - size + 1, stride), torch.arange(0, width - size + 1, stride))
+
+
+def batch_order(tape: Tape, corners: torch.Tensor, size: int, tau: float = 1.0) -> torch.Tensor:
+    """A permutation of the ``(N, 2)`` corners that puts positions with the same region sizes next to
+    each other, so that batches cut in this order need little more than their exact regions."""
+    corners = corners.to(tape.clean[0].device)
+    plan = regions(tape, corners, corners + size, tau)
+    keys = [region[1] - region[0] for region in plan if region is not None and region is not FULL]
+    signature = torch.cat([k[:, :1] for k in keys] + [k[:, 1:] for k in keys], dim=1).cpu().numpy()
+    return torch.from_numpy(np.lexsort(signature.T[::-1]).copy())
+
+
+def multiply_adds(tape: Tape, size: int, stride: int) -> tuple[float, float]:
+    """Multiply-adds of convs and linear maps per occluded forward pass, averaged over the square's
+    positions: in full, and computing only each value's exactly changed region (the theoretical limit
+    of incremental inference; the replay recomputes a little more to keep one region size per batch)."""
+    corners = all_corners(tape.clean[0].shape, size, stride).to(tape.clean[0].device)
+    plan = regions(tape, corners, corners + size)
     full_total = incremental_total = 0.0
-    for step in chain.steps:
-        full = ops.multiply_adds(step.module, step.output_shape)
-        full_total += full
-        if step.index in changed:
-            full *= changed[step.index] / (step.output_shape[1] * step.output_shape[2])
-        incremental_total += full
+    for call in tape.calls:
+        output = tape.clean[call.outputs[0]]
+        weight = ops.argument(call.args, call.kwargs, 1, "weight", None)
+        if not isinstance(weight, torch.Tensor) or ops.for_call(call.function) is None or \
+                ops.for_call(call.function).name not in ("conv2d", "linear"):
+            continue
+        cost = output.numel() * weight[0].numel()  # per output value: one row of the weights
+        full_total += cost
+        region = plan[call.outputs[0]]
+        if region is FULL:
+            incremental_total += cost
+        elif region is not None:
+            incremental_total += cost * float((region[1] - region[0]).prod(1).double().mean()) / output[0, 0].numel()
     return full_total, incremental_total

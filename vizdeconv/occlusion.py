@@ -14,15 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vizdeconv.errors import VizDeconvError
-from vizdeconv.incremental import IncrementalOcclusion, batch_order, unsupported
+from vizdeconv.incremental import IncrementalOcclusion, batch_order
 from vizdeconv.layers import Layer, Layers
 from vizdeconv.models import LoadedModel
 from vizdeconv.rules import check_rule
 from vizdeconv.switches import PointRecorder
 
-DRILL_FACTOR, DRILL_SHARE = 4, 0.25  # approximate mode: coarse grid step (in positions), share drilled into
 REFERENCE_SIDE, REFERENCE_SIZE, REFERENCE_STRIDE = 224, 50, 8  # defaults for 224² inputs, scaled to others
 
 
@@ -68,6 +68,50 @@ def parse_target(target: str | int, model: LoadedModel) -> str:
 
 
 @dataclass(frozen=True)
+class Approximation:
+    """Krypton's two approximations, with the defaults chosen from measured error (README).
+
+    Attributes:
+        tau: projective-field threshold: each changed region is at most ``tau`` of its map's side
+            (1: exact regions). Needs incremental inference.
+        drill_factor: adaptive drill-down's coarse step, in positions (1: every position).
+        drill_share: the share of coarse blocks, those where p(target) dropped most, evaluated in full.
+    """
+
+    tau: float = 0.5
+    drill_factor: int = 4
+    drill_share: float = 0.25
+
+    KNOBS = {"tau": float, "factor": int, "share": float}
+
+    @classmethod
+    def parse(cls, text: str) -> Approximation:
+        """``--approximate``'s value: empty or ``default``, or knobs such as ``tau=0.4,factor=2,share=0.5``."""
+        values = {}
+        for item in filter(None, text.replace("default", "").split(",")):
+            key, _, value = item.partition("=")
+            try:
+                values[key.strip()] = cls.KNOBS[key.strip()](value)
+            except (KeyError, ValueError):
+                raise VizDeconvError(f"--approximate takes tau=0..1, factor=1.. and share=0..1 (e.g. tau=0.5,factor=4,"
+                                     f"share=0.25), got {item!r}") from None
+        approximation = cls(values.get("tau", cls.tau), values.get("factor", cls.drill_factor),
+                            values.get("share", cls.drill_share))
+        if not (0 < approximation.tau <= 1 and approximation.drill_factor >= 1 and 0 <= approximation.drill_share <= 1):
+            raise VizDeconvError(f"--approximate needs 0 < tau <= 1, factor >= 1 and 0 <= share <= 1, got {text!r}")
+        return approximation
+
+    def describe(self, incremental: bool) -> str:
+        """What ran, for ``method``, the figure and the report (the threshold needs incremental inference)."""
+        parts = []
+        if incremental and self.tau < 1:
+            parts.append(f"projective-field threshold tau={self.tau:g}")
+        if self.drill_factor > 1:
+            parts.append(f"drill-down factor {self.drill_factor}, share {self.drill_share:.0%}")
+        return ", ".join(parts) or "no approximation"
+
+
+@dataclass(frozen=True)
 class OcclusionSpec:
     """What an occlusion run asks. Maps made for an equal spec answer it, so resuming is ``maps.spec == spec``.
 
@@ -77,7 +121,8 @@ class OcclusionSpec:
         fill: the square's per-channel value in normalised input space (``fill_values``).
         target: ``auto`` or a class index (``parse_target``).
         rule: the rule of panel (c)'s projection.
-        approximate: adaptive drill-down instead of exact maps (either exact method answers an exact spec).
+        approximate: the approximations asked for, or None for exact maps (either exact method
+            answers an exact spec).
     """
 
     model: str
@@ -87,12 +132,12 @@ class OcclusionSpec:
     fill: tuple[float, ...]
     target: str = "auto"
     rule: str = "deconvnet"
-    approximate: bool = False
+    approximate: Approximation | None = None
 
     @classmethod
     def create(cls, model: LoadedModel, layer: Layer, *, size: int | None = None, stride: int | None = None,
                fill: str | float = "mean", target: str | int = "auto", rule: str = "deconvnet",
-               approximate: bool = False) -> OcclusionSpec:
+               approximate: Approximation | None = None) -> OcclusionSpec:
         """A spec from what a user types: default size and stride (``default_geometry``), ``--fill``,
         ``--target`` as index or name."""
         default_size, default_stride = default_geometry(model.input_size)
@@ -110,6 +155,7 @@ class OcclusionMaps:
 
     Attributes:
         method: ``incremental`` or ``brute force`` (both exact), or ``approximate (…)``.
+        tau, drill_factor, drill_share: the approximation asked for (1, 1, 1 for exact maps).
         prob_true: p(target) per position. top_class: most probable class per position.
         feature_total: spatial sum of ``channel`` of ``layer`` per position.
         prob_clean, clean_class: p(target) and the top class without a square.
@@ -136,6 +182,9 @@ class OcclusionMaps:
     prob_clean: float
     clean_class: int
     feature_clean: float
+    tau: float = 1.0
+    drill_factor: int = 1
+    drill_share: float = 1.0
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The ``maps.npz`` contents (keys documented in the README)."""
@@ -144,9 +193,9 @@ class OcclusionMaps:
     @classmethod
     def from_arrays(cls, arrays) -> OcclusionMaps:
         values = {name: arrays[name] for name in cls.__dataclass_fields__}
-        for name in ("channel", "target", "layer", "size", "stride", "clean_class"):
+        for name in ("channel", "target", "layer", "size", "stride", "clean_class", "drill_factor"):
             values[name] = int(values[name])
-        for name in ("prob_clean", "feature_clean"):
+        for name in ("prob_clean", "feature_clean", "tau", "drill_share"):
             values[name] = float(values[name])
         for name in ("module", "model", "method", "target_asked", "rule"):
             values[name] = str(values[name])
@@ -155,7 +204,8 @@ class OcclusionMaps:
     @property
     def spec(self) -> OcclusionSpec:
         return OcclusionSpec(self.model, self.module, self.size, self.stride, tuple(float(v) for v in self.fill),
-                             self.target_asked, self.rule, self.method.startswith("approximate"))
+                             self.target_asked, self.rule, Approximation(self.tau, self.drill_factor, self.drill_share)
+                             if self.method.startswith("approximate") else None)
 
 
 def occlude(model: LoadedModel, layers: Layers, image: torch.Tensor, spec: OcclusionSpec, *, batch_size: int = 64,
@@ -164,19 +214,20 @@ def occlude(model: LoadedModel, layers: Layers, image: torch.Tensor, spec: Occlu
 
     Exact incremental inference (``incremental.py``) whenever the model allows it; brute force
     (one full forward pass per position, batched) when asked or when it does not.
-    ``spec.approximate`` evaluates only part of the positions (``_drill_down``) and says so in ``method``.
+    ``spec.approximate`` thresholds the projective fields and evaluates only part of the positions
+    (``_drill_down``), and says so in ``method``.
     ``progress(done, total)`` is called after each batch of square positions.
     """
     if spec.model != model.name:
         raise VizDeconvError(f"the spec is for model {spec.model!r}, not {model.name!r}")
-    layer, size, stride, approximate = layers.layer(spec.layer), spec.size, spec.stride, spec.approximate
+    layer, size, stride, approximation = layers.layer(spec.layer), spec.size, spec.stride, spec.approximate
     _, height, width = image.shape
     ys, xs = corners(height, size, stride), corners(width, size, stride)
     image = image.to(model.device)
     fill = torch.tensor(spec.fill, device=model.device, dtype=image.dtype)
-    incremental = not brute_force and unsupported(layers, layer) is None
-    if incremental:
-        engine = IncrementalOcclusion(layers.chain, image, layer.chain_index)
+    grid = torch.tensor([(y, x) for y in ys for x in xs]).view(len(ys), len(xs), 2)
+    engine = None if brute_force else incremental_engine(model, layer, image, size, fill, grid)
+    if engine is not None:
         clean_logits, clean = engine.logits, engine.layer_output
     else:
         with PointRecorder(model.module, layer.point) as recorder, torch.no_grad():
@@ -185,10 +236,11 @@ def occlude(model: LoadedModel, layers: Layers, image: torch.Tensor, spec: Occlu
     clean_probabilities = clean_logits.softmax(0)
     channel = int(clean.flatten(1).max(1).values.argmax())
     target_class = int(clean_probabilities.argmax()) if spec.target == "auto" else int(spec.target)
+    tau = approximation.tau if approximation else 1.0
 
     def evaluate(places: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if incremental:
-            return engine.evaluate(places, size, fill, channel)
+        if engine is not None:
+            return engine.evaluate(places, size, fill, channel, tau)
         batch = image.repeat(len(places), 1, 1, 1)
         for i, (y, x) in enumerate(places.tolist()):
             batch[i, :, y:y + size, x:x + size] = fill[:, None, None]
@@ -196,13 +248,14 @@ def occlude(model: LoadedModel, layers: Layers, image: torch.Tensor, spec: Occlu
             logits = model.module(batch)
             return logits, recorder.output[:, channel].sum((1, 2))
 
-    grid = torch.tensor([(y, x) for y in ys for x in xs]).view(len(ys), len(xs), 2)
     maps = torch.zeros(3, len(ys), len(xs), dtype=torch.float64)  # p(target), top class, feature total
     done = 0
 
     def run(cells: torch.Tensor) -> None:
         """Evaluate the grid cells ``(n, 2)`` (row, column indices) in batches, filling ``maps``."""
         nonlocal done
+        if not len(cells):
+            return
         total = done + len(cells)
         for chunk in cells.split(batch_size):
             logits, totals = evaluate(grid[chunk[:, 0], chunk[:, 1]])
@@ -214,13 +267,15 @@ def occlude(model: LoadedModel, layers: Layers, image: torch.Tensor, spec: Occlu
                 progress(done, total)
 
     cells = torch.cartesian_prod(torch.arange(len(ys)), torch.arange(len(xs)))
-    if incremental:
-        cells = cells[batch_order(layers.chain, grid[cells[:, 0], cells[:, 1]], size)]
-    method = "incremental" if incremental else "brute force"
-    if approximate:
-        _drill_down(run, cells, maps, float(clean_probabilities[target_class]))
-        method = f"approximate ({method}, drill-down: every {DRILL_FACTOR}th position, then all positions near the " \
-                 f"{DRILL_SHARE:.0%} of those with the largest drop in p(target))"
+    if engine is not None:
+        cells = cells[batch_order(engine.tape, grid[cells[:, 0], cells[:, 1]], size, tau)]
+    method = "brute force" if engine is None else "incremental"
+    knobs = {}
+    if approximation:
+        _drill_down(run, cells, maps, float(clean_probabilities[target_class]), approximation)
+        method = f"approximate ({method}; {approximation.describe(engine is not None)})"
+        knobs = dict(tau=approximation.tau, drill_factor=approximation.drill_factor,
+                     drill_share=approximation.drill_share)
     else:
         run(cells)
     return OcclusionMaps(
@@ -229,19 +284,45 @@ def occlude(model: LoadedModel, layers: Layers, image: torch.Tensor, spec: Occlu
         channel=channel, target=target_class, target_asked=spec.target, rule=spec.rule, layer=layer.number or 0,
         size=size, stride=stride, fill=np.array(spec.fill, dtype=np.float32), positions_y=np.array(ys), positions_x=np.array(xs),
         prob_clean=float(clean_probabilities[target_class]), clean_class=int(clean_probabilities.argmax()),
-        feature_clean=float(clean[channel].sum()))
+        feature_clean=float(clean[channel].sum()), **knobs)
 
 
-def _drill_down(run: Callable[[torch.Tensor], None], cells: torch.Tensor, maps: torch.Tensor, prob_clean: float) -> None:
-    """Adaptive drill-down (Krypton): evaluate every ``DRILL_FACTOR``-th position along each axis and
-    give its block of ``DRILL_FACTOR``² positions its values; then evaluate exactly every position of
-    the ``DRILL_SHARE`` of blocks where p(target) dropped most."""
-    coarse = cells[(cells[:, 0] % DRILL_FACTOR == 0) & (cells[:, 1] % DRILL_FACTOR == 0)]
+def incremental_engine(model: LoadedModel, layer: Layer, image: torch.Tensor, size: int, fill: torch.Tensor,
+                       grid: torch.Tensor) -> IncrementalOcclusion | None:
+    """The image's incremental engine, checked against full passes at the grid's first and last
+    positions (two: a batch size read as a number shows), or None (brute force) where it cannot run
+    or the check fails."""
+    engine = IncrementalOcclusion(model.module, image, layer.point)
+    places = grid.view(-1, 2)[[0, -1]]
+    return engine if engine.check(places, size, fill) is None else None
+
+
+def not_incremental(model: LoadedModel, layer: Layer, size: int, fill: tuple[float, ...]) -> str | None:
+    """Why exact incremental inference cannot run for this model and layer (tried on noise), or None."""
+    image = torch.randn(model.input_size, device=model.device)
+    fill = torch.tensor(fill, device=model.device)
+    places = torch.tensor([[0, 0], [model.input_size[1] - size, model.input_size[2] - size]])
+    return IncrementalOcclusion(model.module, image, layer.point).check(places, size, fill)
+
+
+def _drill_down(run: Callable[[torch.Tensor], None], cells: torch.Tensor, maps: torch.Tensor, prob_clean: float,
+                approximation: Approximation) -> None:
+    """Adaptive drill-down (Krypton): evaluate every ``drill_factor``-th position along each axis; fill
+    the positions between them bilinearly (p(target), feature totals; past the last evaluated row or
+    column, its values) and with their block's top class; then evaluate every position of the
+    ``drill_share`` of blocks where p(target) dropped most."""
+    factor = approximation.drill_factor
+    coarse = cells[(cells[:, 0] % factor == 0) & (cells[:, 1] % factor == 0)]
     run(coarse)
-    blocks = cells // DRILL_FACTOR * DRILL_FACTOR
-    maps[:, cells[:, 0], cells[:, 1]] = maps[:, blocks[:, 0], blocks[:, 1]]
+    blocks = cells // factor * factor
+    maps[1, cells[:, 0], cells[:, 1]] = maps[1, blocks[:, 0], blocks[:, 1]]
+    rows, cols = maps.shape[1:]
+    evaluated = maps[::2, ::factor, ::factor][None]  # p(target) and feature totals at the coarse positions
+    spanned = ((evaluated.shape[2] - 1) * factor + 1, (evaluated.shape[3] - 1) * factor + 1)
+    between = F.interpolate(evaluated, size=spanned, mode="bilinear", align_corners=True)
+    maps[::2] = F.pad(between, (0, cols - spanned[1], 0, rows - spanned[0]), mode="replicate")[0]
     drop = prob_clean - maps[0, coarse[:, 0], coarse[:, 1]]
-    chosen = coarse[drop.argsort(descending=True, stable=True)[: math.ceil(DRILL_SHARE * len(coarse))]]
+    chosen = coarse[drop.argsort(descending=True, stable=True)[: math.ceil(approximation.drill_share * len(coarse))]]
     chosen_blocks = {tuple(c) for c in chosen.tolist()}
     fine = torch.tensor([c for c, b in zip(cells.tolist(), blocks.tolist()) if tuple(b) in chosen_blocks and c != b],
                         dtype=torch.long).view(-1, 2)

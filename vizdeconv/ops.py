@@ -1,5 +1,5 @@
 """One table of the operations vizdeconv knows: what the deconvnet does with each on the way down,
-how it moves receptive fields, how occlusion treats it, and what it costs.
+how it moves receptive fields and how occlusion treats it.
 
 The deconvnet on any graph is backprop with each rectifier's backward replaced (Springenberg et al.
 2014): max-pool's backward is unpooling through the switches, a sum's is a copy to each branch,
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from math import prod
 
 import torch
 import torch.nn.functional as F
@@ -74,27 +73,28 @@ def window_geometry(kernel, stride, padding, dilation, axis: int) -> Geometry:
     return kernel, stride, _pair(padding, axis), dilation
 
 
-def _argument(args, kwargs, index: int, name: str, default):
+def argument(args, kwargs, index: int, name: str, default):
+    """A call's argument by position or by name."""
     return args[index] if len(args) > index else kwargs.get(name, default)
 
 
 def _conv_geometry(args, kwargs, axis):
-    weight = _argument(args, kwargs, 1, "weight", None)
-    return window_geometry(tuple(weight.shape[2:]), _argument(args, kwargs, 3, "stride", 1),
-                           _argument(args, kwargs, 4, "padding", 0), _argument(args, kwargs, 5, "dilation", 1), axis)
+    weight = argument(args, kwargs, 1, "weight", None)
+    return window_geometry(tuple(weight.shape[2:]), argument(args, kwargs, 3, "stride", 1),
+                           argument(args, kwargs, 4, "padding", 0), argument(args, kwargs, 5, "dilation", 1), axis)
 
 
 def _pool_geometry(args, kwargs, axis, dilation=1):
-    return window_geometry(_argument(args, kwargs, 1, "kernel_size", None), _argument(args, kwargs, 2, "stride", None),
-                           _argument(args, kwargs, 3, "padding", 0), dilation, axis)
+    return window_geometry(argument(args, kwargs, 1, "kernel_size", None), argument(args, kwargs, 2, "stride", None),
+                           argument(args, kwargs, 3, "padding", 0), dilation, axis)
 
 
 def _max_pool_geometry(args, kwargs, axis):
-    return _pool_geometry(args, kwargs, axis, _argument(args, kwargs, 4, "dilation", 1))
+    return _pool_geometry(args, kwargs, axis, argument(args, kwargs, 4, "dilation", 1))
 
 
 def _pad_geometry(args, kwargs, axis):
-    pads = _argument(args, kwargs, 1, "pad", ())
+    pads = argument(args, kwargs, 1, "pad", ())
     # F.pad lists (left, right, top, bottom, …) from the last dimension backwards.
     before = pads[2 * (1 - axis)] if len(pads) > 2 * (1 - axis) else 0
     return 1, 1, before, 1
@@ -187,7 +187,7 @@ def for_module(module: nn.Module) -> Op | None:
 def _hardtanh_limits(function, args, kwargs) -> tuple[float, float]:
     if getattr(function, "__name__", "") in ("relu6", "relu6_"):
         return 0.0, 6.0
-    return _argument(args, kwargs, 1, "min_val", -1.0), _argument(args, kwargs, 2, "max_val", 1.0)
+    return argument(args, kwargs, 1, "min_val", -1.0), argument(args, kwargs, 2, "max_val", 1.0)
 
 
 def rectifier_limit(op: Op, function, args, kwargs) -> float | None:
@@ -203,16 +203,6 @@ def is_inplace(function, kwargs) -> bool:
 def module_geometry(module: nn.Module, axis: int) -> Geometry:
     """Kernel, stride, padding and dilation of a conv or pooling module along one axis."""
     return window_geometry(module.kernel_size, module.stride, module.padding, getattr(module, "dilation", 1), axis)
-
-
-def multiply_adds(module: nn.Module, output_shape: tuple[int, ...]) -> int:
-    """Multiply-adds of one call of a conv or linear module for one image (0 for anything else)."""
-    if isinstance(module, nn.Conv2d):
-        per_output = module.out_channels * module.in_channels // module.groups * prod(module.kernel_size)
-        return output_shape[1] * output_shape[2] * per_output
-    if isinstance(module, nn.Linear):
-        return module.in_features * module.out_features
-    return 0
 
 
 def table() -> list[dict]:

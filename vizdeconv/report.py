@@ -139,7 +139,7 @@ def _occlude_section(folder: str, data: dict, out: Path) -> str:
     return (f'<section id="{_attr(folder)}" data-kind="occlude"><h2>Occlusion</h2>'
             f'<p>{_text(data["model"])}, {_text(data["label"])}: square {data["size"]} px, stride {data["stride"]}, '
             f'target {_text(data["target"])}, {_text(data["rule"])} rule for panel (c)'
-            f'{", APPROXIMATE maps" if data["approximate"] else ""}. '
+            f'{", APPROXIMATE maps (" + _text(data["approximate"]) + ")" if data["approximate"] else ""}. '
             f'<a href="{_url(folder)}/summary.csv">summary.csv</a></p>{_failed(data)}'
             '<table class="occlusion"><tr><th>figure</th><th>image</th><th>target</th><th>p unoccluded</th>'
             f'<th>lowest p</th><th>most frequent other class</th></tr>{rows}</table></section>')

@@ -20,11 +20,10 @@ import torch
 from vizdeconv import distributed, figures, report
 from vizdeconv.deconvnet import Deconvnet, strongest
 from vizdeconv.errors import ImageError
-from vizdeconv.incremental import unsupported
 from vizdeconv.jobs import Progress, find_outputs, no_progress, reading, unique_failures
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import LoadedModel
-from vizdeconv.occlusion import OcclusionMaps, OcclusionSpec, occlude
+from vizdeconv.occlusion import Approximation, OcclusionMaps, OcclusionSpec, not_incremental, occlude
 from vizdeconv.outputs import save_json, save_npz, save_png, write_atomic
 
 FOLDER, MAPS, FIGURE = "occlusion", "maps.npz", "occlusion.png"
@@ -60,13 +59,14 @@ class OcclusionJob:
     Args:
         model: the loaded model. layer: the feature map's layer; default the last conv layer, or
             the last module output of a graph (``Layers.last``).
+        approximate: Krypton's approximations (``Approximation``), or None for exact maps.
         brute_force: one full forward pass per position instead of exact incremental inference.
         out: the output folder (results go to ``out/occlusion``). batch_size: square positions per pass.
     """
 
     def __init__(self, model: LoadedModel, layer: int | str | None = None, *, size: int | None = None,
                  stride: int | None = None, fill: str | float = "mean", target: str | int = "auto",
-                 rule: str = "deconvnet", approximate: bool = False, brute_force: bool = False,
+                 rule: str = "deconvnet", approximate: Approximation | None = None, brute_force: bool = False,
                  out: str | os.PathLike = "vizdeconv-out", batch_size: int = 64) -> None:
         self.layers = trace_layers(model)
         self.layer = self.layers.last() if layer is None else self.layers.layer(layer)
@@ -74,7 +74,8 @@ class OcclusionJob:
         self.spec = OcclusionSpec.create(model, self.layer, size=size, stride=stride, fill=fill, target=target,
                                          rule=rule, approximate=approximate)
         self.model, self.brute_force, self.out, self.batch_size = model, brute_force, Path(out), batch_size
-        self.not_incremental = None if brute_force else unsupported(self.layers, self.layer)
+        self.not_incremental = None if brute_force else not_incremental(model, self.layer, self.spec.size,
+                                                                        self.spec.fill)
         """Why exact incremental inference is impossible here (brute force runs instead), or None."""
 
     def run(self, paths: Iterable[str | os.PathLike], progress: Progress = no_progress) -> OcclusionReport:
@@ -146,7 +147,8 @@ class OcclusionJob:
         save_json(folder / "index.json", {
             "kind": "occlude", "model": spec.model, "module": spec.layer, "label": self.layer.label,
             "size": spec.size, "stride": spec.stride, "fill": list(spec.fill), "target": spec.target,
-            "rule": spec.rule, "approximate": spec.approximate,
+            "rule": spec.rule, "approximate": spec.approximate.describe(not self.not_incremental and not self.brute_force)
+            if spec.approximate else "",
             "images": [{"png": (r.folder / FIGURE).relative_to(folder).as_posix(), "method": r.maps.method, **row}
                        for r, row in zip(results, rows)],
             "failed": [failure.to_json() for failure in failures],
