@@ -275,3 +275,24 @@ def occlusion_spec(model: LoadedModel, layer, *, size: int, stride: int, fill, t
     values = tuple(float(v) for v in torch.as_tensor(fill, dtype=torch.float32))
     return OcclusionSpec(model.name, layer.name, size, stride, values, parse_target(target, model),
                          approximate=approximate)
+
+
+def occlusion_loop(model, layer, image, size, stride, fill, target, channel):
+    """Occlusion maps (p(target), top class, ``channel``'s total at ``layer``) by full forward passes of
+    occluded copies, squares pasted by explicit loops, the layer read by a forward hook of its own
+    (``point_output``), for any layer of any graph."""
+    _, height, width = image.shape
+    ys, xs = range(0, height - size + 1, stride), range(0, width - size + 1, stride)
+    occluded = image.repeat(len(ys) * len(xs), 1, 1, 1)
+    for i, (y, x) in enumerate((y, x) for y in ys for x in xs):
+        for c in range(image.shape[0]):
+            for row in range(y, y + size):
+                occluded[i, c, row, x:x + size] = fill[c]
+    prob, top, total = [], [], []
+    for batch in occluded.split(32):
+        with torch.no_grad():  # a fresh copy per pass: a model may write into its input
+            probabilities = model.module(batch.clone()).softmax(1)
+        prob.append(probabilities[:, target])
+        top.append(probabilities.argmax(1))
+        total.append(point_output(model, layer, batch.clone())[:, channel].sum((1, 2)))
+    return tuple(torch.cat(values).view(len(ys), len(xs)).numpy() for values in (prob, top, total))

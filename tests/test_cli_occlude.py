@@ -74,9 +74,9 @@ def test_occlude_command_methods(tmp_path):
         assert result.exit_code == 0, result.output
     maps = {f: np.load(tmp_path / f / "occlusion" / "test00001_pullover" / "maps.npz") for _, f in runs}
     assert str(maps["exact"]["method"]) == "incremental" and str(maps["brute"]["method"]) == "brute force"
-    assert str(maps["rough"]["method"]) == ("approximate (incremental; projective-field threshold tau=0.5, "
+    assert str(maps["rough"]["method"]) == ("approximate (incremental; projective-field threshold tau=0.75, "
                                             "drill-down factor 4, share 25%)")
-    assert [float(maps["rough"][k]) for k in ("tau", "drill_factor", "drill_share")] == [0.5, 4, 0.25]
+    assert [float(maps["rough"][k]) for k in ("tau", "drill_factor", "drill_share")] == [0.75, 4, 0.25]
     assert [float(maps["exact"][k]) for k in ("tau", "drill_factor", "drill_share")] == [1, 1, 1]
     assert str(maps["threshold"]["method"]) == "approximate (incremental; projective-field threshold tau=0.3)"
     assert str(maps["drill"]["method"]) == "approximate (incremental; drill-down factor 2, share 100%)"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from factories import PHOTOS
-from oracles import occlusion_spec, point_output, random_model, wrap
+from oracles import occlusion_loop, occlusion_spec, point_output, random_model, wrap
 from torch import nn
 
 from vizdeconv.errors import VizDeconvError
@@ -18,24 +18,6 @@ from vizdeconv.incremental import multiply_adds, record
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import load_model
 from vizdeconv.occlusion import Approximation, not_incremental, occlude
-
-
-def occluded_loop(model, layer, image, size, stride, fill, target, channel):
-    """p(target), top class and the layer's channel total for squares pasted by explicit loops, each
-    occluded copy through the whole model (the layer by a forward hook of its own)."""
-    _, height, width = image.shape
-    ys, xs = range(0, height - size + 1, stride), range(0, width - size + 1, stride)
-    occluded = image.repeat(len(ys) * len(xs), 1, 1, 1)
-    for i, (y, x) in enumerate((y, x) for y in ys for x in xs):
-        for c in range(image.shape[0]):
-            for row in range(y, y + size):
-                occluded[i, c, row, x:x + size] = fill[c]
-    with torch.no_grad():
-        probabilities = model.module(occluded.clone()).softmax(1)
-    total = point_output(model, layer, occluded.clone())[:, channel].sum((1, 2))
-    shape = (len(ys), len(xs))
-    return (probabilities[:, target].view(shape).numpy(), probabilities.argmax(1).view(shape).numpy(),
-            total.view(shape).numpy())
 
 
 def assert_same_maps(maps, prob, top, total):
@@ -55,7 +37,7 @@ def assert_incremental_equals_brute_force(model, layer, image, size, stride, fil
     assert maps.feature_clean == pytest.approx(brute.feature_clean, rel=1e-5)
     assert maps.prob_clean == pytest.approx(brute.prob_clean, abs=1e-6) and maps.clean_class == brute.clean_class
     if loop:
-        assert_same_maps(maps, *occluded_loop(model, layer, image, size, stride, spec.fill, maps.target, maps.channel))
+        assert_same_maps(maps, *occlusion_loop(model, layer, image, size, stride, spec.fill, maps.target, maps.channel))
     return maps
 
 
@@ -175,19 +157,19 @@ def test_multiply_adds_equal_a_count_by_hand(input_size, size, stride):
 
 
 def test_approximation_parse():
-    assert Approximation.parse("") == Approximation.parse("default") == Approximation() == Approximation(0.5, 4, 0.25)
+    assert Approximation.parse("") == Approximation.parse("default") == Approximation() == Approximation(0.75, 4, 0.25)
     assert Approximation.parse("tau=0.4,factor=2,share=0.5") == Approximation(0.4, 2, 0.5)
     assert Approximation.parse("tau=0.3") == Approximation(0.3, 4, 0.25)
-    assert Approximation.parse("factor=1") == Approximation(0.5, 1, 0.25)
+    assert Approximation.parse("factor=1") == Approximation(0.75, 1, 0.25)
     assert Approximation.parse(" share = 1 , tau=1") == Approximation(1.0, 4, 1.0)
-    assert Approximation.parse("share=0,factor=8") == Approximation(0.5, 8, 0.0)
+    assert Approximation.parse("share=0,factor=8") == Approximation(0.75, 8, 0.0)
     for text in ("speed=2", "tau", "tau=half", "factor=2.5", "tau=0.3;factor=2"):
         with pytest.raises(VizDeconvError, match=r"--approximate takes tau=0\.\.1, factor=1\.\. and share=0\.\.1"):
             Approximation.parse(text)
     for text in ("tau=0", "tau=1.5", "tau=-0.2", "factor=0", "share=1.5", "share=-0.1"):
         with pytest.raises(VizDeconvError, match=r"--approximate needs 0 < tau <= 1, factor >= 1 and 0 <= share <= 1"):
             Approximation.parse(text)
-    assert Approximation().describe(True) == "projective-field threshold tau=0.5, drill-down factor 4, share 25%"
+    assert Approximation().describe(True) == "projective-field threshold tau=0.75, drill-down factor 4, share 25%"
     assert Approximation().describe(False) == "drill-down factor 4, share 25%"
     assert Approximation(1.0, 1, 1.0).describe(True) == "no approximation"
 
@@ -263,4 +245,80 @@ def test_a_square_that_a_strided_conv_skips_changes_nothing_after_it():
             first = F.conv2d(mask, torch.ones(1, 1, 1, 1), stride=2) > 0
             second = F.conv2d(first.float(), torch.ones(1, 1, 3, 3), padding=1) > 0
             counts.append(int(first.sum()) + 9 * int(second.sum()))
-    assert multiply_adds(tape, 1, 1) == (16 + 16 * 9, pytest.approx(np.mean(counts)))  # 14.3125; it gives 40.89
+    assert multiply_adds(tape, 1, 1) == (16 + 16 * 9, pytest.approx(np.mean(counts)))  # 14.3125 by the mask count
+
+
+class Attention(nn.Module):
+    """Spatial attention as CBAM computes it: a channel mean and ``torch.max``'s values (a return type,
+    not a plain tuple) through a conv and a sigmoid, multiplied back onto the map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gate = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(2, 1, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        pooled = torch.cat([x.mean(1, keepdim=True), torch.max(x, 1, keepdim=True)[0]], 1)
+        return self.head(x * torch.sigmoid(self.gate(pooled)))
+
+
+class AliasedWrite(nn.Module):
+    """Eval dropout returns the very tensor it is given, then ``+=`` writes into it: the BatchNorm's
+    output (the layer) must keep its value from before the write."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.drop = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Dropout(0.5)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3))
+
+    def forward(self, x):
+        out = self.drop(self.bn(self.conv(x)))
+        out += x
+        return self.head(out)
+
+
+class PositionalEmbedding(nn.Module):
+    """A constant ``(1, C, H, W)`` map added after a conv: it must be cut to each region, not broadcast."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.position = nn.Parameter(torch.randn(1, 3, 11, 11))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x) + self.position))
+
+
+@pytest.mark.parametrize("module, layer", [(Attention, "gate"), (AliasedWrite, "bn"), (PositionalEmbedding, "conv")])
+def test_return_types_aliased_writes_and_constant_maps_equal_brute_force(module, layer):
+    torch.manual_seed(0)
+    model = wrap(module().eval(), (2, 11, 11), categories="abc")
+    image = torch.randn(2, 11, 11)
+    assert_incremental_equals_brute_force(model, trace_layers(model).layer(layer), image, 3, 2, torch.zeros(2), 4,
+                                          loop=True)
+
+
+class Branching(nn.Module):
+    """A Python branch on a value of the image: the tape would follow one side only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.head(torch.relu(x) if x.sum() > 0 else -x)
+
+
+def test_a_branch_on_a_value_runs_brute_force():
+    torch.manual_seed(0)
+    model = wrap(Branching().eval(), (2, 9, 9), categories="abc")
+    layer = trace_layers(model).layer("conv")
+    assert "reads a value that depends on the image as a Python number (__bool__)" in \
+        not_incremental(model, layer, 3, (0.0, 0.0))
+    maps = occlude(model, trace_layers(model), torch.randn(2, 9, 9),
+                   occlusion_spec(model, layer, size=3, stride=3, fill=torch.zeros(2)))
+    assert maps.method == "brute force"

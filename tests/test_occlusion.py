@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from factories import FASHION
-from oracles import Residual, occlusion_spec, point_output, wrap
+from oracles import Residual, occlusion_loop, occlusion_spec, point_output, wrap
 from PIL import Image
 from torch import nn
 
@@ -54,26 +54,6 @@ def test_fill_and_target(embedded):
         parse_target("hat", embedded)
 
 
-def brute_force(model, layer, image, size, stride, fill, target, channel):
-    """Full forward passes of occluded copies, square pasted by explicit loops; the feature map from
-    the whole model with a forward hook of its own (``point_output``), for any layer of any graph."""
-    _, height, width = image.shape
-    ys, xs = range(0, height - size + 1, stride), range(0, width - size + 1, stride)
-    occluded = image.repeat(len(ys) * len(xs), 1, 1, 1)
-    for i, (y, x) in enumerate((y, x) for y in ys for x in xs):
-        for c in range(image.shape[0]):
-            for row in range(y, y + size):
-                occluded[i, c, row, x:x + size] = fill[c]
-    prob, top, total = [], [], []
-    for batch in occluded.split(32):
-        with torch.no_grad():  # a fresh copy per pass: a model may write into its input
-            probabilities = model.module(batch.clone()).softmax(1)
-        prob.append(probabilities[:, target])
-        top.append(probabilities.argmax(1))
-        total.append(point_output(model, layer, batch.clone())[:, channel].sum((1, 2)))
-    return tuple(torch.cat(values).view(len(ys), len(xs)).numpy() for values in (prob, top, total))
-
-
 def assert_matches_brute_force(model, image, size, stride, fill="mean", target="auto", layer_number=None,
                                method="incremental"):
     """Both the default (incremental) path and the forced brute-force path equal the loop."""
@@ -88,7 +68,7 @@ def assert_matches_brute_force(model, image, size, stride, fill="mean", target="
         assert maps.layer == (layer.number or 0) and maps.module == layer.name
         question = (maps.target, maps.channel)  # the loop runs once per question (both methods ask the same)
         if question not in expected:
-            expected[question] = brute_force(model, layer, image, size, stride, fill, *question)
+            expected[question] = occlusion_loop(model, layer, image, size, stride, fill, *question)
         prob, top, total = expected[question]
         np.testing.assert_allclose(maps.prob_true, prob, atol=1e-5)
         assert (maps.top_class == top).all()
@@ -181,7 +161,7 @@ def test_a_model_the_tape_cannot_replay_falls_back_to_brute_force(module, reason
     image = torch.randn(1, 10, 10)
     maps = occlude(model, layers, image, occlusion_spec(model, layer, size=3, stride=2, fill=(0.5,)), batch_size=4)
     assert maps.method == "brute force"
-    prob, top, total = brute_force(model, layer, image, 3, 2, (0.5,), maps.target, maps.channel)
+    prob, top, total = occlusion_loop(model, layer, image, 3, 2, (0.5,), maps.target, maps.channel)
     np.testing.assert_allclose(maps.prob_true, prob, atol=1e-5)
     assert (maps.top_class == top).all()
     np.testing.assert_allclose(maps.feature_total, total, rtol=1e-5, atol=1e-5 * np.abs(total).max())
@@ -203,7 +183,7 @@ def test_a_layer_of_a_residual_graph_runs_incremental(name):
     assert not_incremental(model, layer, 4, fill) is None
     maps = occlude(model, layers, image, occlusion_spec(model, layer, size=4, stride=3, fill=fill), batch_size=5)
     assert maps.method == "incremental" and maps.module == name and maps.layer == (layer.number or 0)
-    prob, top, total = brute_force(model, layer, image, 4, 3, fill, maps.target, maps.channel)
+    prob, top, total = occlusion_loop(model, layer, image, 4, 3, fill, maps.target, maps.channel)
     np.testing.assert_allclose(maps.prob_true, prob, atol=1e-5)
     assert (maps.top_class == top).all()
     np.testing.assert_allclose(maps.feature_total, total, rtol=1e-5, atol=1e-5 * np.abs(total).max())
@@ -346,7 +326,7 @@ def test_incremental_equals_brute_force_on_random_graphs(data):
     maps = occlude(model, layers, image, occlusion_spec(model, layer, size=size, stride=stride, fill=fill),
                    batch_size=draw(st.integers(1, 9)))
     assert maps.method == "incremental", not_incremental(model, layer, size, tuple(fill.tolist()))
-    prob, top, total = brute_force(model, layer, image, size, stride, fill, maps.target, maps.channel)
+    prob, top, total = occlusion_loop(model, layer, image, size, stride, fill, maps.target, maps.channel)
     np.testing.assert_allclose(maps.prob_true, prob, atol=1e-5)
     np.testing.assert_allclose(maps.feature_total, total, rtol=1e-5, atol=1e-5 * max(np.abs(total).max(), 1e-6))
 

@@ -305,7 +305,7 @@ def project_command(model: LoadedModel, batch_size: int, layer_spec: str, rule: 
 @click.option("--brute-force", is_flag=True, help="One full forward pass per position instead of incremental.")
 @click.option("--approximate", is_flag=False, flag_value="default", metavar="[tau=T,factor=F,share=S]",
               help="Faster, inexact maps, labelled as such: projective-field threshold tau and adaptive drill-down "
-                   "(coarse step factor, share of blocks drilled into) [default: tau=0.5,factor=4,share=0.25].")
+                   "(coarse step factor, share of blocks drilled into) [default: tau=0.75,factor=4,share=0.25].")
 @out_option
 def occlude_command(model: LoadedModel, paths: tuple[str, ...], batch_size: int, size: int | None,
                     stride: int | None, fill: str, target: str, layer_spec: str | None, rule: str,

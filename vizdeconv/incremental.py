@@ -14,8 +14,8 @@ the rest runs in full on assembled maps. A batch shares one region size, the lar
 inward at the borders: recomputing a few unchanged cells stays exact.
 
 Projective-field thresholding (Krypton's approximation, ``tau`` < 1) caps each region at a
-fraction ``tau`` of its map's side, keeping the middle of the projective field, where the square's
-effect is strongest; outside it the clean values stand in.
+fraction ``tau`` of its map's side, keeping the middle of the region (the square's effect is
+strongest near its centre); outside it the clean values stand in.
 """
 
 from __future__ import annotations
@@ -33,10 +33,12 @@ from torch.overrides import TorchFunctionMode
 
 from vizdeconv import ops
 from vizdeconv.graph import Point
+from vizdeconv.switches import PointRecorder
 
 FULL = "full"  # a region: the value changes everywhere (or has no rows and columns)
 LOCAL = ("conv2d", "max_pool2d", "avg_pool2d", "pad")
 SAME_VALUES = frozenset({"contiguous", "clone", "to", "float", "type_as"})  # shape ops that change nothing
+AS_NUMBER = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__"})  # data-dependent Python
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,9 @@ def record(module: nn.Module, image: torch.Tensor, point: Point) -> Tape:
     try:
         with torch.no_grad(), recorder:
             output = module(x)
+    except Exception as error:  # any failure means: run brute force, and say why
+        return Tape([], recorder.clean, None, None, f"recording its calls raised {type(error).__name__}: "
+                                                    f"{' '.join(str(error).split())[:120]}")
     finally:
         handle.remove()
     layer = layer_calls[point.call] if len(layer_calls) > point.call else None
@@ -136,6 +141,8 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         traced = [t for t in _tensors((args, kwargs)) if id(t) in self.node_of]
         name = getattr(function, "__name__", "")
+        if traced and name in AS_NUMBER and self.problem is None:
+            self.problem = f"it reads a value that depends on the image as a Python number ({name})"
         if not traced or name in ops.IGNORED_NAMES:
             return function(*args, **kwargs)
         replay, replay_args, replay_kwargs, writes = _out_of_place(function, args, kwargs)
@@ -147,9 +154,12 @@ class _Recorder(TorchFunctionMode):
             node = self.node_of.get(id(args[0]))
             if self.problem is None and (replay is None or "out" in kwargs or node is None):
                 self.problem = f"{call_name} writes into a tensor in a way that cannot be replayed"
-            if node is not None:
-                self.clean[node] = args[0].clone()  # its value before the write
-                self.stale.update(n for n, where in enumerate(self.storage) if where == self.storage[node] and n != node)
+            if node is not None:  # keep the values from before the write, of every value sharing its memory
+                where = self.storage[node]
+                for other, other_where in enumerate(self.storage):
+                    if other_where == where and self.clean[other].untyped_storage().data_ptr() == where:
+                        self.clean[other] = self.clean[other].clone()
+                self.stale.update(n for n, other_where in enumerate(self.storage) if other_where == where and n != node)
         output = function(*args, **kwargs)
         outputs = list(_tensors(output))
         if not outputs:
@@ -163,7 +173,7 @@ class _Recorder(TorchFunctionMode):
 def _out_of_place(function, args, kwargs) -> tuple[Callable | None, tuple, dict, bool]:
     """The call's out-of-place equivalent and whether the original writes into its first argument."""
     name = getattr(function, "__name__", "")
-    if name.startswith("__i") and name.endswith("__"):  # x += y
+    if name.startswith("__i") and hasattr(torch.Tensor, "__" + name[3:]):  # x += y, x *= y
         return getattr(torch.Tensor, "__" + name[3:], None), args, kwargs, True
     if name.endswith("_") and not name.endswith("__") or name == "__setitem__":
         spaces = (torch.Tensor, torch, F)
@@ -197,7 +207,9 @@ def _call(function, replay, args, kwargs, inputs, outputs, traced, results) -> C
         pointwise = ops.argument(args, kwargs, 1, "dim", 0) in (1, -3)
     spatial = results[0].shape[2:] if single else None
     gates = tuple(n for n, t in zip(inputs, _unique(traced)) if t.dim() == 4 and t.shape[2:] == (1, 1) != spatial)
-    if not (pointwise and single and all(t.dim() == 4 and t.shape[2:] in (spatial, (1, 1)) for t in traced)):
+    constants = [t for t in _tensors((args, kwargs)) if t.dim() >= 2 and t.shape[-2:] != (1, 1)]
+    if constants or not (pointwise and single and all(t.dim() == 4 and t.shape[2:] in (spatial, (1, 1))
+                                                      for t in traced)):
         return Call(replay, args, kwargs, inputs, outputs, FULL)
     return Call(replay, args, kwargs, inputs, outputs, "pointwise", gates=gates)
 
@@ -246,7 +258,7 @@ def _local_call(op, replay, args, kwargs, inputs, outputs) -> Call | None:
 def _tensors(tree):
     if isinstance(tree, torch.Tensor):
         yield tree
-    elif type(tree) in (list, tuple):
+    elif isinstance(tree, (list, tuple)):  # return types such as torch.max's too
         for item in tree:
             yield from _tensors(item)
     elif isinstance(tree, dict):
@@ -267,7 +279,7 @@ def _map(tree, function: Callable, leaf: type = torch.Tensor):
 
 def changed_range(geometry: ops.Geometry, first: torch.Tensor, end: torch.Tensor, size_out: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output rows ``[first, end)`` of a conv or pool that a change in input rows ``[first, end)`` can reach."""
+    """The output rows a change in input rows ``first`` … ``end - 1`` can reach, as ``(first, end)`` too."""
     kernel, stride, padding, dilation = geometry
     reach = dilation * (kernel - 1)
     low = (-((-(first + padding - reach)) // stride)).clamp(min=0)  # ceil division
@@ -276,21 +288,23 @@ def changed_range(geometry: ops.Geometry, first: torch.Tensor, end: torch.Tensor
 
 
 def _capped(first: torch.Tensor, end: torch.Tensor, sizes: tuple[int, int], tau: float
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projective-field thresholding: each region at most ``ceil(tau · side)`` long, keeping its middle."""
+            ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Projective-field thresholding: each region (as clipped to the map) at most ``ceil(tau · side)``
+    long, keeping its middle; and whether any region was cut."""
     if tau >= 1:
-        return first, end
+        return first, end, False
     cap = torch.tensor([max(1, math.ceil(tau * side)) for side in sizes], device=first.device)
     over = (end - first - cap).clamp(min=0)
     first = first + over // 2
-    return first, torch.minimum(end, first + cap)
+    return first, torch.minimum(end, first + cap), bool(over.any())
 
 
 def regions(tape: Tape, first: torch.Tensor, end: torch.Tensor, tau: float = 1.0) -> list:
     """Per value of the tape: None (unchanged), ``FULL``, or the rows and columns ``[first, end)``
-    (two ``(N, 2)`` tensors) that squares covering input ``[first, end)`` change."""
+    (two ``(N, 2)`` tensors) that squares covering input ``[first, end)`` change, and whether
+    thresholding cut any of them there."""
     plan: list = [None] * len(tape.clean)
-    plan[0] = (first, end)
+    plan[0] = (first, end, False)
     for call in tape.calls:
         changed = [plan[node] for node in call.inputs if plan[node] is not None]
         if not changed:
@@ -321,8 +335,7 @@ class IncrementalOcclusion:
     """
 
     def __init__(self, module: nn.Module, image: torch.Tensor, point: Point) -> None:
-        self.module = module
-        self.image = image
+        self.module, self.image, self.point = module, image, point
         self.tape = record(module, image, point)
         self.problem = self.tape.problem
         """Why this model cannot run incrementally, or None."""
@@ -332,22 +345,23 @@ class IncrementalOcclusion:
         self._padded: dict[tuple, torch.Tensor] = {}
 
     def check(self, corners: torch.Tensor, size: int, fill: torch.Tensor) -> str | None:
-        """Replay the tape for squares at ``corners`` and compare with full forward passes: a model whose
-        calls depend on the data (a Python branch on a value, a shape read as a number) fails here."""
+        """Replay the tape for squares at ``corners`` and compare logits and the layer's strongest
+        channel's totals with full forward passes: a model whose calls depend on the data (a Python
+        branch on a value, a shape read as a number) fails here."""
         if self.problem is not None:
             return self.problem
-        batch = self.image.repeat(len(corners), 1, 1, 1)
-        for i, (y, x) in enumerate(corners.tolist()):
-            batch[i, :, y:y + size, x:x + size] = fill[:, None, None]
-        with torch.no_grad():
-            expected = self.module(batch)
+        channel = int(self.layer_output.flatten(1).max(1).values.argmax())
+        with PointRecorder(self.module, self.point) as recorder, torch.no_grad():
+            expected = self.module(occluded(self.image, corners, size, fill))
+            expected_totals = recorder.output[:, channel].sum((1, 2))
         try:
-            logits, _ = self.evaluate(corners, size, fill, 0)
+            logits, totals = self.evaluate(corners, size, fill, channel)
         except (RuntimeError, TypeError, ValueError, IndexError) as error:
             return f"replaying its calls on regions raised {type(error).__name__}: {' '.join(str(error).split())[:120]}"
-        scale = float(expected.abs().max()) + 1
-        if logits.shape != expected.shape or not torch.allclose(logits, expected, rtol=1e-3, atol=1e-3 * scale):
-            return "replaying its calls on regions does not give the model's output (it depends on the data)"
+        for got, wanted in ((logits, expected), (totals, expected_totals)):
+            scale = float(wanted.abs().max()) + 1
+            if got.shape != wanted.shape or not torch.allclose(got, wanted, rtol=1e-3, atol=1e-3 * scale):
+                return "replaying its calls on regions does not give the model's values (they depend on the data)"
         return None
 
     @torch.no_grad()
@@ -364,13 +378,13 @@ class IncrementalOcclusion:
         for i, call in enumerate(tape.calls):
             region = plan[call.outputs[0]]
             if region is not None:
-                states.update(zip(call.outputs, self._run(call, region, states, batch, tau)))
+                states.update(zip(call.outputs, self._run(call, region, states, batch)))
             for node in call.inputs:
                 if tape.last_use[node] == i and node not in keep:
                     states.pop(node, None)
         return self._full(tape.output, states, batch), self._total(states.get(tape.layer), channel, batch)
 
-    def _run(self, call: Call, region, states: dict, batch: int, tau: float) -> list[tuple]:
+    def _run(self, call: Call, region, states: dict, batch: int) -> list[tuple]:
         """The states (values, top-left corners or None for whole values) of the call's outputs."""
         node = call.outputs[0]
         sizes = self.tape.clean[node].shape[2:]
@@ -395,7 +409,8 @@ class IncrementalOcclusion:
 
             args, kwargs = _map((call.args, call.kwargs), lambda ref: window(ref.node), Ref)
             made = [(call.function(*args, **kwargs), start)]
-        if tau < 1 and region is not FULL:  # clean values outside each position's own capped region
+        if region is not FULL and region[2]:  # a cut region: clean values outside each position's own
+            # (where nothing was cut, cells outside a region are computed from clean inputs: clean already)
             values, origin = made[0]
             made = [(self._outside_clean(node, values, origin, region), origin)]
         return made
@@ -478,6 +493,14 @@ class IncrementalOcclusion:
         return clean.sum() - replaced + patch[:, channel].sum((1, 2))
 
 
+def occluded(image: torch.Tensor, corners: torch.Tensor, size: int, fill: torch.Tensor) -> torch.Tensor:
+    """Copies of the ``(C, H, W)`` image, one per ``(B, 2)`` corner, with a ``size`` square of ``fill`` there."""
+    batch = image.repeat(len(corners), 1, 1, 1)
+    for i, (y, x) in enumerate(corners.tolist()):
+        batch[i, :, y:y + size, x:x + size] = fill[:, None, None]
+    return batch
+
+
 def all_corners(input_size: tuple[int, ...], size: int, stride: int) -> torch.Tensor:
     height, width = input_size[-2:]
     return torch.cartesian_prod(torch.arange(0, height - size + 1, stride), torch.arange(0, width - size + 1, stride))
@@ -503,8 +526,7 @@ def multiply_adds(tape: Tape, size: int, stride: int) -> tuple[float, float]:
     for call in tape.calls:
         output = tape.clean[call.outputs[0]]
         weight = ops.argument(call.args, call.kwargs, 1, "weight", None)
-        if not isinstance(weight, torch.Tensor) or ops.for_call(call.function) is None or \
-                ops.for_call(call.function).name not in ("conv2d", "linear"):
+        if getattr(call.function, "__name__", "") not in ("conv2d", "linear") or not isinstance(weight, torch.Tensor):
             continue
         cost = output.numel() * weight[0].numel()  # per output value: one row of the weights
         full_total += cost

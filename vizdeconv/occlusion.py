@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vizdeconv.errors import VizDeconvError
-from vizdeconv.incremental import IncrementalOcclusion, batch_order
+from vizdeconv.incremental import IncrementalOcclusion, batch_order, occluded
 from vizdeconv.layers import Layer, Layers
 from vizdeconv.models import LoadedModel
 from vizdeconv.rules import check_rule
@@ -78,7 +78,7 @@ class Approximation:
         drill_share: the share of coarse blocks, those where p(target) dropped most, evaluated in full.
     """
 
-    tau: float = 0.5
+    tau: float = 0.75
     drill_factor: int = 4
     drill_share: float = 0.25
 
@@ -241,11 +241,8 @@ def occlude(model: LoadedModel, layers: Layers, image: torch.Tensor, spec: Occlu
     def evaluate(places: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if engine is not None:
             return engine.evaluate(places, size, fill, channel, tau)
-        batch = image.repeat(len(places), 1, 1, 1)
-        for i, (y, x) in enumerate(places.tolist()):
-            batch[i, :, y:y + size, x:x + size] = fill[:, None, None]
         with PointRecorder(model.module, layer.point) as recorder, torch.no_grad():
-            logits = model.module(batch)
+            logits = model.module(occluded(image, places, size, fill))
             return logits, recorder.output[:, channel].sum((1, 2))
 
     maps = torch.zeros(3, len(ys), len(xs), dtype=torch.float64)  # p(target), top class, feature total

@@ -89,7 +89,8 @@ class OcclusionJob:
         for batch in reading(self.model, todo, failures, progress, "images", batch_size=1):
             path = batch.paths[0]
             maps = occlude(self.model, self.layers, batch.images[0], self.spec, batch_size=self.batch_size,
-                           brute_force=self.brute_force, progress=lambda done, total: progress("squares", done, total))
+                           brute_force=self.brute_force or self.not_incremental is not None,
+                           progress=lambda done, total: progress("squares", done, total))
             projection = self._strongest_projection(batch.images[0], maps.channel)
             save_png(folders[path] / FIGURE,
                      figures.occlusion_figure(self.model, batch.images[0], projection, maps))
