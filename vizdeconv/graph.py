@@ -183,8 +183,8 @@ class _Tracer(TorchFunctionMode):
         kwargs = kwargs or {}
         output = function(*args, **kwargs)
         name = getattr(function, "__name__", "")
-        inputs = [(t, self.values[id(t)]) for t in _tensors((args, kwargs)) if id(t) in self.values]
-        outputs = list(_tensors(output)) or ([args[0]] if name == "__setitem__" else [])  # x[i] = y writes x
+        inputs = [(t, self.values[id(t)]) for t in tensors((args, kwargs)) if id(t) in self.values]
+        outputs = list(tensors(output)) or ([args[0]] if name == "__setitem__" else [])  # x[i] = y writes x
         if not inputs or not outputs or name in ops.IGNORED_NAMES:
             return output
         op = ops.for_call(function, args, kwargs)
@@ -235,15 +235,16 @@ def _mixes_anyway(op, function, args, kwargs) -> bool:
                                                                                                     "replicate")
 
 
-def _tensors(tree):
+def tensors(tree):
+    """Every tensor in nested lists, tuples (return types too) and dicts of call arguments or results."""
     if isinstance(tree, torch.Tensor):
         yield tree
     elif isinstance(tree, (list, tuple)):
         for item in tree:
-            yield from _tensors(item)
+            yield from tensors(item)
     elif isinstance(tree, dict):
         for item in tree.values():
-            yield from _tensors(item)
+            yield from tensors(item)
 
 
 def _grow(fld: Field, geometry: list[ops.Geometry]) -> Field:

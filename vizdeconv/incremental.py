@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from vizdeconv import ops
-from vizdeconv.graph import Point
+from vizdeconv.graph import Point, tensors
 from vizdeconv.switches import PointRecorder
 
 FULL = "full"  # a region: the value changes everywhere (or has no rows and columns)
@@ -139,7 +139,7 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, function, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        traced = [t for t in _tensors((args, kwargs)) if id(t) in self.node_of]
+        traced = [t for t in tensors((args, kwargs)) if id(t) in self.node_of]
         name = getattr(function, "__name__", "")
         if traced and name in AS_NUMBER and self.problem is None:
             self.problem = f"it reads a value that depends on the image as a Python number ({name})"
@@ -161,7 +161,7 @@ class _Recorder(TorchFunctionMode):
                         self.clean[other] = self.clean[other].clone()
                 self.stale.update(n for n, other_where in enumerate(self.storage) if other_where == where and n != node)
         output = function(*args, **kwargs)
-        outputs = list(_tensors(output))
+        outputs = list(tensors(output))
         if not outputs:
             return output  # a shape, a number: nothing to replay
         inputs = tuple(dict.fromkeys(self.node_of[id(t)] for t in traced))
@@ -207,15 +207,15 @@ def _call(function, replay, args, kwargs, inputs, outputs, traced, results) -> C
         pointwise = ops.argument(args, kwargs, 1, "dim", 0) in (1, -3)
     spatial = results[0].shape[2:] if single else None
     gates = tuple(n for n, t in zip(inputs, _unique(traced)) if t.dim() == 4 and t.shape[2:] == (1, 1) != spatial)
-    constants = [t for t in _tensors((args, kwargs)) if t.dim() >= 2 and t.shape[-2:] != (1, 1)]
+    constants = [t for t in tensors((args, kwargs)) if t.dim() >= 2 and t.shape[-2:] != (1, 1)]
     if constants or not (pointwise and single and all(t.dim() == 4 and t.shape[2:] in (spatial, (1, 1))
                                                       for t in traced)):
         return Call(replay, args, kwargs, inputs, outputs, FULL)
     return Call(replay, args, kwargs, inputs, outputs, "pointwise", gates=gates)
 
 
-def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return list({id(t): t for t in tensors}.values())
+def _unique(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list({id(t): t for t in values}.values())
 
 
 def _local_call(op, replay, args, kwargs, inputs, outputs) -> Call | None:
@@ -253,17 +253,6 @@ def _local_call(op, replay, args, kwargs, inputs, outputs) -> Call | None:
         return None
     return Call(replay, args, kwargs, inputs, outputs, "local", geometry,
                 lambda window: F.avg_pool2d(window, kernel, stride, 0))
-
-
-def _tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, (list, tuple)):  # return types such as torch.max's too
-        for item in tree:
-            yield from _tensors(item)
-    elif isinstance(tree, dict):
-        for item in tree.values():
-            yield from _tensors(item)
 
 
 def _map(tree, function: Callable, leaf: type = torch.Tensor):
@@ -344,12 +333,14 @@ class IncrementalOcclusion:
             self.layer_output = self.tape.clean[self.tape.layer][0]
         self._padded: dict[tuple, torch.Tensor] = {}
 
-    def check(self, corners: torch.Tensor, size: int, fill: torch.Tensor) -> str | None:
-        """Replay the tape for squares at ``corners`` and compare logits and the layer's strongest
-        channel's totals with full forward passes: a model whose calls depend on the data (a Python
-        branch on a value, a shape read as a number) fails here."""
+    def check(self, size: int, fill: torch.Tensor) -> str | None:
+        """Why this engine cannot be trusted, or None: replay the tape for squares in the top-left and
+        bottom-right corners (two, so a batch size read as a number shows) and compare logits and the
+        layer's strongest channel's totals with full forward passes."""
         if self.problem is not None:
             return self.problem
+        _, height, width = self.image.shape
+        corners = torch.tensor([[0, 0], [height - size, width - size]])
         channel = int(self.layer_output.flatten(1).max(1).values.argmax())
         with PointRecorder(self.module, self.point) as recorder, torch.no_grad():
             expected = self.module(occluded(self.image, corners, size, fill))
@@ -395,7 +386,7 @@ class IncrementalOcclusion:
             start = torch.stack([region[0][:, axis].clamp(max=sizes[axis] - box[axis]) for axis in (0, 1)], 1)
         if box is None or box == list(sizes):
             args, kwargs = _map((call.args, call.kwargs), lambda ref: self._full(ref.node, states, batch), Ref)
-            whole = list(_tensors(call.function(*args, **kwargs)))
+            whole = list(tensors(call.function(*args, **kwargs)))
             origin = torch.zeros(batch, 2, dtype=torch.long, device=self.image.device)
             made = [(t, origin if t.dim() == 4 and t.shape[2:] == self.tape.clean[n].shape[2:] else None)
                     for n, t in zip(call.outputs, whole)]

@@ -226,7 +226,9 @@ def occlude(model: LoadedModel, layers: Layers, image: torch.Tensor, spec: Occlu
     image = image.to(model.device)
     fill = torch.tensor(spec.fill, device=model.device, dtype=image.dtype)
     grid = torch.tensor([(y, x) for y in ys for x in xs]).view(len(ys), len(xs), 2)
-    engine = None if brute_force else incremental_engine(model, layer, image, size, fill, grid)
+    engine = None if brute_force else IncrementalOcclusion(model.module, image, layer.point)
+    if engine is not None and engine.check(size, fill) is not None:
+        engine = None  # brute force; ``maps.method`` says so
     if engine is not None:
         clean_logits, clean = engine.logits, engine.layer_output
     else:
@@ -284,22 +286,10 @@ def occlude(model: LoadedModel, layers: Layers, image: torch.Tensor, spec: Occlu
         feature_clean=float(clean[channel].sum()), **knobs)
 
 
-def incremental_engine(model: LoadedModel, layer: Layer, image: torch.Tensor, size: int, fill: torch.Tensor,
-                       grid: torch.Tensor) -> IncrementalOcclusion | None:
-    """The image's incremental engine, checked against full passes at the grid's first and last
-    positions (two: a batch size read as a number shows), or None (brute force) where it cannot run
-    or the check fails."""
-    engine = IncrementalOcclusion(model.module, image, layer.point)
-    places = grid.view(-1, 2)[[0, -1]]
-    return engine if engine.check(places, size, fill) is None else None
-
-
 def not_incremental(model: LoadedModel, layer: Layer, size: int, fill: tuple[float, ...]) -> str | None:
     """Why exact incremental inference cannot run for this model and layer (tried on noise), or None."""
     image = torch.randn(model.input_size, device=model.device)
-    fill = torch.tensor(fill, device=model.device)
-    places = torch.tensor([[0, 0], [model.input_size[1] - size, model.input_size[2] - size]])
-    return IncrementalOcclusion(model.module, image, layer.point).check(places, size, fill)
+    return IncrementalOcclusion(model.module, image, layer.point).check(size, torch.tensor(fill, device=model.device))
 
 
 def _drill_down(run: Callable[[torch.Tensor], None], cells: torch.Tensor, maps: torch.Tensor, prob_clean: float,
