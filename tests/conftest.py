@@ -33,3 +33,13 @@ def vgg11_bn(tmp_path_factory):
 @pytest.fixture(scope="session")
 def embedded():
     return load_model(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module of tiny convolutions: on a busy two-core machine two threads made them
+    30–100× slower (OpenMP threads waiting on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
