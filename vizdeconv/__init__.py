@@ -11,6 +11,7 @@ Notebook use: the commands as jobs (each writes its figures under ``out`` and re
     curves = vd.InvarianceJob(model, "1,fc").run(["photos/"])   # invariance (Fig. 5)
     table = vd.CorrespondenceJob(model, "parts.json", "_head_relu,fc").run(["photos/"])  # Table 1
     similar = vd.ReconstructJob(model, "all").run(["photos/"])  # whole layers, known vs fixed switches
+    coded = vd.SparseInferJob("embedded").run(["sample_images/fashion-mnist"])  # a deconvolutional network's codes
 
 and the deconvnet itself on a preprocessed ``(N, C, H, W)`` batch::
 
@@ -43,6 +44,16 @@ from vizdeconv.jobs.occlude import ImageOcclusion, OcclusionJob, OcclusionReport
 from vizdeconv.jobs.predict import Prediction, PredictJob, PredictReport
 from vizdeconv.jobs.project import ProjectJob, TopKReport
 from vizdeconv.jobs.reconstruct import ReconstructJob, ReconstructReport, Similarity
+from vizdeconv.jobs.sparse import (
+    SparseFiltersJob,
+    SparseFiltersReport,
+    SparseInferJob,
+    SparseReport,
+    SparseResult,
+    SparseTrainJob,
+    TrainProgress,
+    TrainReport,
+)
 from vizdeconv.layers import Hit, Layer, Layers, trace_layers
 from vizdeconv.models import LoadedModel, load_model, read_state_dict
 from vizdeconv.occlusion import OcclusionMaps, OcclusionSpec, occlude
@@ -60,7 +71,8 @@ __all__ = [
     "InvarianceReport", "Layer", "LayerError", "Layers", "LoadedModel", "ModelError", "OPS", "OcclusionJob",
     "OcclusionMaps", "OcclusionReport", "OcclusionSpec", "Op", "Point", "PointRecorder", "PredictJob",
     "PredictReport", "Prediction", "ProjectJob", "Projection", "ReconstructJob", "ReconstructReport", "Similarity",
-    "SwitchRecorder", "TopK", "TopKReport", "UnsafeCheckpointError", "VizDeconvError", "apply_rules",
+    "SparseFiltersJob", "SparseFiltersReport", "SparseInferJob", "SparseReport", "SparseResult", "SparseTrainJob",
+    "SwitchRecorder", "TopK", "TopKReport", "TrainProgress", "TrainReport", "UnsafeCheckpointError", "VizDeconvError", "apply_rules",
     "feature_layers", "find_images", "hits", "load_image", "load_model", "occlude", "project_hits",
     "read_batches", "read_parts", "read_state_dict", "scan", "sign_changes", "ssim", "strongest",
     "trace", "trace_layers", "transformed", "write_report",

@@ -39,10 +39,12 @@ from vizdeconv.jobs.occlude import OcclusionJob
 from vizdeconv.jobs.predict import PredictJob
 from vizdeconv.jobs.project import ProjectJob
 from vizdeconv.jobs.reconstruct import ReconstructJob
+from vizdeconv.jobs.sparse import SparseFiltersJob, SparseInferJob, SparseTrainJob, TrainProgress
 from vizdeconv.layers import trace_layers
 from vizdeconv.models import EMBEDDED, LoadedModel, load_model
 from vizdeconv.occlusion import Approximation
 from vizdeconv.report import PAGE, write_report
+from vizdeconv.sparse import METHODS, POOLINGS, Pool
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -456,6 +458,128 @@ def reconstruct_command(model: LoadedModel, paths: tuple[str, ...], batch_size: 
         out.print(table)
     _finish(len({s.image for s in done.similarities}), done.failures,
             f"images reconstructed into {escape(str(done.folder))}", out_dir)
+
+
+@main.group("sparse")
+def sparse_group() -> None:
+    """Deconvolutional networks (Zeiler et al. 2010/2011): convolutional sparse coding, learned without labels."""
+
+
+SPARSE_MAPS = (16, 48, 96, 192)
+
+
+def sparse_model_option(command: Callable) -> Callable:
+    return click.option("--model", "model_file", default="embedded", show_default=True,
+                        help="A model file from vizdeconv sparse train, or embedded (trained on Fashion-MNIST).")(command)
+
+
+def _sparse_job(make: Callable):
+    """Build a sparse job; its errors are usage errors (exit 2)."""
+    try:
+        return make()
+    except VizDeconvError as error:
+        raise UsageFailure(str(error)) from None
+
+
+@sparse_group.command("train")
+@click.option("--images", "folders", multiple=True, required=True, help="Image folder or file (repeatable).")
+@click.option("--layers", default=2, show_default=True, type=click.IntRange(min=1), help="Layers to learn.")
+@click.option("--maps", help="Feature maps per layer [default: the first --layers of 16,48,96,192].")
+@click.option("--kernel", default=7, show_default=True, type=click.IntRange(min=1), help="Filter side.")
+@click.option("--lam", default="5", show_default=True, help="λ, weight of the reconstruction term: one, or one per layer.")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1), help="Passes per layer.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1),
+              help="FISTA steps of each batch's inference.")
+@click.option("--pool", "pool_spec", default="2,2", show_default=True,
+              help="3D max pooling between layers: MAPS,SIZE (neighbouring maps, spatial side).")
+@click.option("--nonnegative", is_flag=True, help="Keep the codes ≥ 0.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per filter update.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Initial filters and image order.")
+@click.option("--restart", is_flag=True, help="Discard another training run in --out and start afresh.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--out", "model_out", default="sparse-model.safetensors", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="The model file, written after every epoch; rerun to go on from it.")
+def sparse_train(folders: tuple[str, ...], layers: int, maps: str, kernel: int, lam: str, epochs: int, steps: int,
+                 pool_spec: str, nonnegative: bool, batch_size: int, seed: int, restart: bool, device: str,
+                 model_out: Path) -> None:
+    """Learn the filters layer by layer: infer sparse codes (FISTA), least squares on the filters, unit norm."""
+    try:
+        counts = _ints(maps) if maps else list(SPARSE_MAPS[:layers])
+        lams, pool = _floats(lam), _ints(pool_spec)
+    except ValueError:
+        raise UsageFailure(f"--maps, --lam and --pool take comma-separated numbers, got {maps!r}, {lam!r}, "
+                           f"{pool_spec!r}") from None
+    if len(pool) != 2:
+        raise UsageFailure(f"--pool takes MAPS,SIZE (two numbers), got {pool_spec!r}")
+    if len(counts) != layers:
+        raise UsageFailure(f"--maps gives {len(counts)} layers, --layers {layers}: give one count per layer")
+    lams = lams * layers if len(lams) == 1 else lams
+    job = _sparse_job(lambda: SparseTrainJob(model_out, maps=counts, kernel=kernel, lams=lams, epochs=epochs,
+                                             steps=steps, batch_size=batch_size, pool=Pool(*pool),
+                                             nonnegative=nonnegative,
+                                             seed=seed, restart=restart, device=device))
+    with Progress(TextColumn("layer {task.fields[layer]} epoch {task.fields[epoch]}"), BarColumn(),
+                  MofNCompleteColumn(), TextColumn("{task.fields[cost]}"), TimeRemainingColumn(),
+                  console=err, transient=True) as bars:
+        task = bars.add_task("training", total=None, layer="", epoch="", cost="")
+
+        def show(step: TrainProgress) -> None:
+            cost = (f"cost {step.cost.cost:.2f} = fit {step.cost.fit:.2f} + |z| {step.cost.penalty:.2f}"
+                    if step.cost else "")
+            bars.update(task, completed=step.batch, total=step.batches, layer=step.layer,
+                        epoch=f"{step.epoch}/{step.epochs}", cost=cost)
+
+        try:
+            done = job.run(folders, progress=show)
+        except VizDeconvError as error:
+            raise UsageFailure(str(error)) from None
+    if not done.epochs_run:
+        _note(f"{done.model} is already trained with these settings: nothing to do (--restart trains afresh)")
+    elif done.resumed_from:
+        _note(f"went on from {done.model}: layer {done.resumed_from[0]}, {done.resumed_from[1]} epochs done")
+    for layer, cost in enumerate(done.costs):
+        out.print(f"layer {layer + 1}: cost {cost['cost']:.3f} per image = fit {cost['fit']:.3f} + |z| "
+                  f"{cost['penalty']:.3f} (last epoch's mean)")
+    out.print(f"→ {escape(str(done.model))}")
+    _finish(done.images, done.failures, "images learned from")
+
+
+@sparse_group.command("infer")
+@click.argument("paths", nargs=-1, required=True)
+@sparse_model_option
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="ISTA/FISTA steps per layer.")
+@click.option("--method", type=click.Choice(METHODS), default="fista", show_default=True)
+@click.option("--pooling", type=click.Choice(POOLINGS), default="max", show_default=True,
+              help="max: switches; gaussian: a 2D Gaussian per region, moved by the image's error.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="Images inferred together.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@out_option
+def sparse_infer(paths: tuple[str, ...], model_file: str, steps: int, method: str, pooling: str, batch_size: int,
+                 device: str, out_dir: Path) -> None:
+    """Each image's sparse codes at every layer, its reconstructions and projections (into OUT/sparse/<image>)."""
+    job = _sparse_job(lambda: SparseInferJob(model_file, steps=steps, method=method, pooling=pooling, out=out_dir,
+                                             batch_size=batch_size, device=device))
+    with progress_bars() as bars:
+        try:
+            done = job.run(paths, progress=bars)
+        except VizDeconvError as error:
+            raise UsageFailure(str(error)) from None
+    for result in done.results:
+        layers = ", ".join(f"layer {l + 1} {p:.1f} dB, {z:.0%} zero" for l, (p, z) in
+                           enumerate(zip(result.psnr, result.sparsity)))
+        out.print(f"{escape(str(result.image))}: {layers} → {escape(str(result.figure))}")
+    _finish(len(done.results), done.failures, "images coded", out_dir)
+
+
+@sparse_group.command("filters")
+@sparse_model_option
+@out_option
+def sparse_filters(model_file: str, out_dir: Path) -> None:
+    """The filter sheets: layer 1's filters, higher layers' projected to pixels (into OUT/sparse/filters.png)."""
+    done = _sparse_job(lambda: SparseFiltersJob(model_file, out=out_dir).run())
+    out.print(f"{', '.join(f'layer {l + 1}: {c} filters' for l, c in enumerate(done.counts))} → "
+              f"{escape(str(done.figure))}")
 
 
 @main.command("report")

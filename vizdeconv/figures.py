@@ -249,3 +249,36 @@ def evolution_figure(model: LoadedModel, layer: Layer, title: str, checkpoints: 
         draw.text((MARGIN, top + row * cell_h + size[1] // 2 - 6), label, fill="black", font=render.font(13))
     figure.paste(block, (MARGIN + label_w, top))
     return figure
+
+
+SPARSE_TILE = 112  # a sparse figure's tile side
+
+
+def sparse_figure(title: str, rows: Sequence[tuple[str, Sequence[torch.Tensor], Sequence[str], bool]], *,
+                  tile: int = SPARSE_TILE, columns: int | None = None) -> Image.Image:
+    """Deconvolutional network results for one image: under a title, one labelled row of tiles per entry of
+    ``rows`` (label, ``(C, H, W)`` pictures, captions, signed). Unsigned pictures (inputs, reconstructions)
+    are shown in 0..1, clipped; signed ones (feature maps, projections, filters) symmetric around zero, mid-grey
+    = 0, each scaled on its own. Rows wrap after ``columns`` tiles (default: never)."""
+    blocks = []
+    for label, pictures, captions, signed in rows:
+        shown = [render.projection_to_image(p) if signed else render.to_rgb(p.detach().cpu().float()) for p in pictures]
+        tiles = [_pad_to(render.fit(t, tile), tile) for t in shown]
+        blocks.append((label, _tile_block(tiles, captions, columns or len(tiles))))
+    width = max(max(b.width for _, b in blocks), math.ceil(render.font(15).getlength(title)))
+    height = MARGIN + 24 + sum(18 + b.height + BLOCK_GAP for _, b in blocks)
+    figure = Image.new("RGB", (2 * MARGIN + width, height), "white")
+    draw = ImageDraw.Draw(figure)
+    draw.text((MARGIN, MARGIN), title, fill="black", font=render.font(15))
+    top = MARGIN + 24
+    for label, block in blocks:
+        draw.text((MARGIN, top), label, fill=(80, 80, 80), font=render.font(12))
+        figure.paste(block, (MARGIN, top + 18))
+        top += 18 + block.height + BLOCK_GAP
+    return figure
+
+
+def _pad_to(tile: Image.Image, side: int) -> Image.Image:
+    canvas = Image.new("RGB", (side, side), "white")
+    canvas.paste(tile, ((side - tile.width) // 2, (side - tile.height) // 2))
+    return canvas

@@ -26,7 +26,8 @@ FOLDER = ".scan"
 
 
 class SettingsChanged(VizDeconvError):
-    """An interrupted scan's checkpoint was made with other settings; ``--restart`` discards it."""
+    """An interrupted scan's checkpoint, or a training run in a sparse model file, was made with other settings;
+    ``--restart`` discards it."""
 
 
 @dataclass
