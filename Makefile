@@ -22,7 +22,8 @@ $(READY): setup.cfg pyproject.toml
 # the main job (top-9 grids of layer 5), then occlusion and deconv figures of four samples, the first
 # layer's filter sheet, the features' evolution over training, invariance curves and whole-layer
 # reconstructions of the same samples, and the shipped correspondence example on photos with
-# efficientnet_lite0: one report over all of them
+# efficientnet_lite0, and the shipped deconvolutional network's sparse codes of the four samples and its
+# filters: one report over all of them
 demo: $(READY)
 	$(BIN)/vizdeconv project --layer 5
 	$(BIN)/vizdeconv occlude $(DEMO_IMAGES)
@@ -33,6 +34,8 @@ demo: $(READY)
 	$(BIN)/vizdeconv reconstruct $(DEMO_IMAGES)
 	$(BIN)/vizdeconv correspondence --model efficientnet_lite0 --parts $(PHOTOS)/parts.json --layers $(LITE0_LAYERS) \
 		$(addprefix $(PHOTOS)/,astronaut.jpg chelsea-cat.jpg cameraman-grey.png)
+	$(BIN)/vizdeconv sparse infer $(DEMO_IMAGES)
+	$(BIN)/vizdeconv sparse filters
 
 test: $(READY)
 	$(BIN)/python -m pytest -q
@@ -43,6 +46,7 @@ bench: $(READY)
 	$(BIN)/python benchmarks/bench_occlusion.py
 	$(BIN)/python benchmarks/bench_graph.py
 	$(BIN)/python benchmarks/bench_ranks.py
+	$(BIN)/python benchmarks/bench_sparse.py
 
 # the demo's report, with a second layer to step to, in headless Chromium (Debian's chromium package):
 # broken images, links, console errors, the channel view and its keys
