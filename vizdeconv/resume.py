@@ -51,11 +51,29 @@ def scan_settings(*, model: str, weights: str, device: str, preprocessing: list,
                   channels: Sequence[Sequence[int]], k: int, decode: str, paths: Sequence[Path], world: int) -> dict:
     """The settings that fix a scan's chunks and their result (devices and decoders round differently),
     as JSON gives them back; the file list enters as a hash of the absolute paths."""
-    listing = hashlib.sha256("\n".join(os.path.abspath(path) for path in paths).encode()).hexdigest()
     return json.loads(json.dumps({
         "format": f"vizdeconv scan, chunks of {SCAN_CHUNK} files", "model": model, "weights": weights,
         "device": device, "preprocessing": preprocessing, "layers": layers, "channels": channels, "k": k,
-        "decode": decode, "files": f"{len(paths)} files, sha256 {listing[:16]}", "ranks": world}))
+        "decode": decode, "files": file_listing(paths), "ranks": world}))
+
+
+def file_listing(paths: Sequence[Path]) -> str:
+    """How a run's settings name its input files: their count and a hash of their absolute paths."""
+    listing = hashlib.sha256("\n".join(os.path.abspath(path) for path in paths).encode()).hexdigest()
+    return f"{len(paths)} files, sha256 {listing[:16]}"
+
+
+def check_settings(path: Path, what: str, saved: dict, settings: dict, remedy: str) -> None:
+    """Refuse to go on from ``what`` in ``path`` when its ``saved`` settings differ from ``settings``.
+
+    Raises:
+        SettingsChanged: naming the first setting that differs, its value then and now, and ``remedy``.
+    """
+    changed = [key for key in settings if saved.get(key) != settings[key]]
+    if changed:
+        key = changed[0]
+        raise SettingsChanged(f"{path}: {what} with other settings ({key}: {_short(saved.get(key))} then, "
+                              f"{_short(settings[key])} now); {remedy}")
 
 
 def save_state(path: Path, state: ScanState) -> None:
@@ -83,11 +101,7 @@ def load_state(path: Path, settings: dict) -> ScanState | None:
         failures = [ImageError(Path(image), reason) for image, reason in json.loads(metadata["failures"])]
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise SettingsChanged(f"{path}: unreadable scan checkpoint ({error}){restart}") from None
-    changed = [key for key in settings if saved.get(key) != settings[key]]
-    if changed:
-        key = changed[0]
-        raise SettingsChanged(f"{path}: an interrupted scan with other settings ({key}: {_short(saved.get(key))} "
-                              f"then, {_short(settings[key])} now){restart}")
+    check_settings(path, "an interrupted scan", saved, settings, restart.removeprefix("; "))
     columns = [{key: tensors[f"{layer}.{key}"] for key in ("values", "ranks", "places")}
                for layer in range(len(settings["layers"]))]
     return ScanState(saved, chunks_done, failures, columns)

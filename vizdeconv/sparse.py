@@ -260,6 +260,11 @@ class Unpooling(Linear):
     def __init__(self, pool: Pool, height: int, width: int) -> None:
         self.pool, self.height, self.width = pool, height, width
 
+    @property
+    def pooled_size(self) -> tuple[int, int]:
+        """The pooled maps' (H', W')."""
+        return self.pool.pooled_shape((1, self.pool.maps, self.height, self.width))[2:]
+
     def weights(self) -> torch.Tensor:
         """``(N, G, H', W', maps·size·size)``: how each region spreads its pooled value."""
         raise NotImplementedError
@@ -315,8 +320,8 @@ class TopDown(Linear):
 
     def __init__(self, filters: Sequence[torch.Tensor], unpoolings: Sequence[Unpooling], height: int, width: int
                  ) -> None:
-        self.convolutions = [Convolution(f, *size) for f, size in zip(filters, _layer_sizes(filters, unpoolings,
-                                                                                                height, width))]
+        sizes = [(height, width), *(unpooling.pooled_size for unpooling in unpoolings)]  # what each layer makes
+        self.convolutions = [Convolution(f, *size) for f, size in zip(filters, sizes)]
         self.unpoolings = list(unpoolings)
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
@@ -330,15 +335,6 @@ class TopDown(Linear):
         for convolution, unpooling in zip(self.convolutions[1:], self.unpoolings):
             maps = convolution.adjoint(unpooling.adjoint(maps))
         return maps
-
-
-def _layer_sizes(filters, unpoolings, height: int, width: int) -> list[tuple[int, int]]:
-    """The size each layer reconstructs: the image, then each unpooling's pooled size."""
-    sizes = [(height, width)]
-    for unpooling in unpoolings:
-        pooled = unpooling.pool.pooled_shape((1, unpooling.pool.maps, unpooling.height, unpooling.width))
-        sizes.append(pooled[2:])
-    return sizes[:len(filters)]
 
 
 # --- the stacked model -----------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ model file (``sparse_files``), after every epoch, so that a rerun goes on where 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from vizdeconv.errors import ImageError, VizDeconvError
 from vizdeconv.jobs import Progress, find_inputs, find_outputs, no_progress, save_manifest
 from vizdeconv.models import resolve_device
 from vizdeconv.outputs import save_npz, save_png
-from vizdeconv.resume import SettingsChanged
+from vizdeconv.resume import check_settings, file_listing
 from vizdeconv.sparse import (
     METHODS,
     POOLINGS,
@@ -109,11 +108,10 @@ class SparseTrainJob:
 
     def settings(self, images: Sequence[Path], size: Sequence[int]) -> dict:
         """What a rerun must match to go on from the file."""
-        listing = hashlib.sha256("\n".join(os.path.abspath(p) for p in images).encode()).hexdigest()
         return {"maps": self.maps, "kernel": self.kernel, "lams": self.lams, "epochs": self.epochs,
                 "steps": self.steps, "batch_size": self.batch_size, "pool": [self.pool.maps, self.pool.size],
                 "nonnegative": self.nonnegative, "seed": self.seed, "image_size": list(size),
-                "files": f"{len(images)} files, sha256 {listing[:16]}"}
+                "files": file_listing(images)}
 
     def run(self, paths: Iterable[str | os.PathLike],
             progress: Callable[[TrainProgress], None] = lambda step: None) -> TrainReport:
@@ -125,7 +123,7 @@ class SparseTrainJob:
         images, failures = _read_training_images(paths)
         settings = self.settings([path for path, _ in images], images[0][1].shape)
         data = torch.stack([image for _, image in images])
-        model, trained, resumed = self._start(settings, data.shape[1])
+        model, trained, resumed = self._start(settings)
         costs, epochs_run = trained.get("costs", []), 0
         for layer in range(trained["layers_done"], len(self.maps)):
             if layer == len(model.filters):  # cut from what the layer codes, in a seeded draw of a batch of images
@@ -148,18 +146,14 @@ class SparseTrainJob:
                 self._save(model, settings, trained, costs)
         return TrainReport(self.out, len(images), resumed, epochs_run, costs, failures)
 
-    def _start(self, settings: dict, channels: int) -> tuple[SparseModel, dict, tuple[int, int] | None]:
+    def _start(self, settings: dict) -> tuple[SparseModel, dict, tuple[int, int] | None]:
         """A fresh model, or the one in ``out`` with its training state when the settings match."""
         fresh = SparseModel([], list(self.lams), self.pool, self.nonnegative)
         if self.restart or not self.out.exists():
             return fresh, {"layers_done": 0, "epochs_done": 0}, None
         model, card = load_model(self.out, device=self.device)
-        saved = card.get("training", {}).get("settings", {})
-        changed = [key for key in settings if saved.get(key) != settings[key]]
-        if changed:
-            raise SettingsChanged(f"{self.out}: holds a training run with other settings ({changed[0]}: "
-                                  f"{saved.get(changed[0])} then, {settings[changed[0]]} now); rerun with --restart "
-                                  "to discard it, or give another --out")
+        check_settings(self.out, "a training run", card.get("training", {}).get("settings", {}), settings,
+                       "rerun with --restart to discard it, or give another --out")
         trained = card["training"]
         return model, trained, (trained["layers_done"] + 1, trained["epochs_done"])
 
@@ -399,7 +393,7 @@ class _EvenUnpooling(Unpooling):
     """Each pooled value spread evenly over its region."""
 
     def weights(self) -> torch.Tensor:
-        _, _, rows, columns = self.pool.pooled_shape((1, self.pool.maps, self.height, self.width))
+        rows, columns = self.pooled_size
         cells = self.pool.maps * self.pool.size ** 2
         return torch.full((1, 1, rows, columns, cells), 1 / cells)
 
