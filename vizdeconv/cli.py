@@ -473,12 +473,18 @@ def sparse_model_option(command: Callable) -> Callable:
                         help="A model file from vizdeconv sparse train, or embedded (trained on Fashion-MNIST).")(command)
 
 
-def _sparse_job(make: Callable):
-    """Build a sparse job; its errors are usage errors (exit 2)."""
-    try:
-        return make()
-    except VizDeconvError as error:
-        raise UsageFailure(str(error)) from None
+def usage_errors(command: Callable) -> Callable:
+    """Library errors anywhere in the command (bad model file, option, settings) become one-line usage errors
+    (exit 2); the jobs report bad input files themselves."""
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        try:
+            return command(**kwargs)
+        except VizDeconvError as error:
+            raise UsageFailure(str(error)) from None
+
+    return wrapper
 
 
 @sparse_group.command("train")
@@ -500,6 +506,7 @@ def _sparse_job(make: Callable):
 @click.option("--out", "model_out", default="sparse-model.safetensors", show_default=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="The model file, written after every epoch; rerun to go on from it.")
+@usage_errors
 def sparse_train(folders: tuple[str, ...], layers: int, maps: str, kernel: int, lam: str, epochs: int, steps: int,
                  pool_spec: str, nonnegative: bool, batch_size: int, seed: int, restart: bool, device: str,
                  model_out: Path) -> None:
@@ -515,10 +522,9 @@ def sparse_train(folders: tuple[str, ...], layers: int, maps: str, kernel: int, 
     if len(counts) != layers:
         raise UsageFailure(f"--maps gives {len(counts)} layers, --layers {layers}: give one count per layer")
     lams = lams * layers if len(lams) == 1 else lams
-    job = _sparse_job(lambda: SparseTrainJob(model_out, maps=counts, kernel=kernel, lams=lams, epochs=epochs,
-                                             steps=steps, batch_size=batch_size, pool=Pool(*pool),
-                                             nonnegative=nonnegative,
-                                             seed=seed, restart=restart, device=device))
+    job = SparseTrainJob(model_out, maps=counts, kernel=kernel, lams=lams, epochs=epochs, steps=steps,
+                         batch_size=batch_size, pool=Pool(*pool), nonnegative=nonnegative, seed=seed, restart=restart,
+                         device=device)
     with Progress(TextColumn("layer {task.fields[layer]} epoch {task.fields[epoch]}"), BarColumn(),
                   MofNCompleteColumn(), TextColumn("{task.fields[cost]}"), TimeRemainingColumn(),
                   console=err, transient=True) as bars:
@@ -530,10 +536,7 @@ def sparse_train(folders: tuple[str, ...], layers: int, maps: str, kernel: int, 
             bars.update(task, completed=step.batch, total=step.batches, layer=step.layer,
                         epoch=f"{step.epoch}/{step.epochs}", cost=cost)
 
-        try:
-            done = job.run(folders, progress=show)
-        except VizDeconvError as error:
-            raise UsageFailure(str(error)) from None
+        done = job.run(folders, progress=show)
     if not done.epochs_run:
         _note(f"{done.model} is already trained with these settings: nothing to do (--restart trains afresh)")
     elif done.resumed_from:
@@ -555,16 +558,14 @@ def sparse_train(folders: tuple[str, ...], layers: int, maps: str, kernel: int, 
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="Images inferred together.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @out_option
+@usage_errors
 def sparse_infer(paths: tuple[str, ...], model_file: str, steps: int, method: str, pooling: str, batch_size: int,
                  device: str, out_dir: Path) -> None:
     """Each image's sparse codes at every layer, its reconstructions and projections (into OUT/sparse/<image>)."""
-    job = _sparse_job(lambda: SparseInferJob(model_file, steps=steps, method=method, pooling=pooling, out=out_dir,
-                                             batch_size=batch_size, device=device))
+    job = SparseInferJob(model_file, steps=steps, method=method, pooling=pooling, out=out_dir, batch_size=batch_size,
+                         device=device)
     with progress_bars() as bars:
-        try:
-            done = job.run(paths, progress=bars)
-        except VizDeconvError as error:
-            raise UsageFailure(str(error)) from None
+        done = job.run(paths, progress=bars)
     for result in done.results:
         layers = ", ".join(f"layer {l + 1} {p:.1f} dB, {z:.0%} zero" for l, (p, z) in
                            enumerate(zip(result.psnr, result.sparsity)))
@@ -575,9 +576,10 @@ def sparse_infer(paths: tuple[str, ...], model_file: str, steps: int, method: st
 @sparse_group.command("filters")
 @sparse_model_option
 @out_option
+@usage_errors
 def sparse_filters(model_file: str, out_dir: Path) -> None:
     """The filter sheets: layer 1's filters, higher layers' projected to pixels (into OUT/sparse/filters.png)."""
-    done = _sparse_job(lambda: SparseFiltersJob(model_file, out=out_dir).run())
+    done = SparseFiltersJob(model_file, out=out_dir).run()
     out.print(f"{', '.join(f'layer {l + 1}: {c} filters' for l, c in enumerate(done.counts))} → "
               f"{escape(str(done.figure))}")
 
