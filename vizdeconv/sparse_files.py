@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
+from torchvision.transforms.functional import pil_to_tensor
 
 from vizdeconv.errors import ImageError, ModelError
 from vizdeconv.images import load_image
@@ -108,8 +109,7 @@ def read_image(path: Path, channels: int | None = None) -> torch.Tensor:
     """
     found = image_channels(path)
     channels = channels or found or 1
-    picture = load_image(path, channels=channels, background=(0.0, 0.0, 0.0))
-    if found != channels:
+    if found and found != channels:  # checked before decoding; an unreadable file (0) gets load_image's reason
         raise ImageError(path, f"has {found} channel{'s' * (found != 1)}, the sparse model {channels}")
-    array = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
-    return array.view(picture.height, picture.width, channels).permute(2, 0, 1).float() / 255
+    picture = load_image(path, channels=channels, background=(0.0, 0.0, 0.0))
+    return pil_to_tensor(picture).float() / 255
