@@ -204,14 +204,13 @@ def infer(images: torch.Tensor, filters: torch.Tensor, *, lam: float, steps: int
     Returns:
         ``(N, K, H+s−1, W+s−1)`` codes, on the filters' device (the images are moved there).
     """
-    images, filters = images.to(filters.device), filters.detach()
+    images = images.to(filters.device)
     operator = Convolution(filters, images.shape[-2], images.shape[-1], fft=fft)
     shape = (images.shape[0], filters.shape[0], *code_size(images.shape[-2], images.shape[-1], filters.shape[-1]))
-    with torch.no_grad():
-        norm = operator_norms(operator, (1, *shape[1:]), device=images.device).expand(shape[0])
-    codes = torch.zeros(shape, device=images.device)
-    with torch.no_grad():
-        return _run(iterates(images, operator, shape, lam=lam, method=method, nonnegative=nonnegative, norms=norm,
+    with torch.no_grad():  # one norm for every image: the operator is the same
+        norms = operator_norms(operator, (1, *shape[1:]), device=images.device).expand(shape[0])
+        codes = torch.zeros(shape, device=images.device)
+        return _run(iterates(images, operator, shape, lam=lam, method=method, nonnegative=nonnegative, norms=norms,
                              codes=codes), steps, codes)
 
 
@@ -417,9 +416,9 @@ def infer_layers(model: SparseModel, images: torch.Tensor, *, steps: int, layers
     for layer in range(layers):
         operator = TopDown(model.filters[:layer + 1], unpoolings, height, width)
         shape = (images.shape[0], model.filters[layer].shape[0], *sizes[layer])
-        gaussians = [u for u in unpoolings[-1:] if isinstance(u, GaussianPooling)]
+        below = unpoolings[-1] if unpoolings and isinstance(unpoolings[-1], GaussianPooling) else None
         found = _infer(images, operator, shape, lam=model.lams[layer], steps=steps, method=method,
-                       nonnegative=model.nonnegative, where=gaussians, where_steps=where_steps, where_rate=where_rate)
+                       nonnegative=model.nonnegative, gaussians=below, where_steps=where_steps, where_rate=where_rate)
         codes.append(found)
         operators.append(operator)
         if layer + 1 < layers:
@@ -429,15 +428,15 @@ def infer_layers(model: SparseModel, images: torch.Tensor, *, steps: int, layers
     return Inference(codes, unpoolings, operators)
 
 
-def _infer(images, operator: TopDown, shape, *, lam, steps, method, nonnegative, where, where_steps, where_rate):
+def _infer(images, operator: TopDown, shape, *, lam, steps, method, nonnegative, gaussians: GaussianPooling | None,
+           where_steps, where_rate):
     codes = torch.zeros(shape, device=images.device)
     with torch.no_grad():
         estimate, vector = power_iteration(operator, start_vector(shape, images.device), iterations=POWER_ITERATIONS,
                                            tolerance=POWER_TOLERANCE)
-        if not where:
+        if gaussians is None:
             return _run(iterates(images, operator, shape, lam=lam, method=method, nonnegative=nonnegative,
                                  norms=MARGIN * estimate), steps, codes)
-    (gaussians,) = where
     optimiser = torch.optim.Adam(gaussians.parameters(), lr=where_rate)
     norms = MARGIN * estimate
     solver = iterates(images, operator, shape, lam=lam, method=method, nonnegative=nonnegative, codes=codes,
